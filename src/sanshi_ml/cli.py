@@ -1,0 +1,232 @@
+"""The ``sanshi-ml`` command: thin typer commands that parse options and call the stage modules."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from sanshi_ml.config import ConfigError, Params, load_params, with_overrides
+
+app = typer.Typer(help="Triage suggestions (category, 三事, handling unit, appeal type) for 12345 hotline records.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+log = logging.getLogger("sanshi_ml")
+
+# --------------------------------------------------------------------------------------------------- shared options
+
+ParamsOpt = Annotated[Path | None, typer.Option("--params", help="parameter file (default: ./params.yaml if present)")]
+TextColsOpt = Annotated[str | None, typer.Option(
+    "--text-cols", help="comma-separated text columns, title first: 留言主题,留言详情")]
+SegmentedOpt = Annotated[str | None, typer.Option(
+    "--segmented-col", help="column of text already cut into words (tokens separated by spaces)")]
+TargetOpt = Annotated[list[str] | None, typer.Option(
+    "--target", help="NAME=COLUMN, repeatable: --target category=一级分类 --target unit=承办单位")]
+IdOpt = Annotated[str | None, typer.Option("--id-col", help="record id column (default: 留言编号, 工单编号, id, …)")]
+TimeOpt = Annotated[str | None, typer.Option("--time-col", help="received-time column (default: 留言时间, 受理时间, …)")]
+ModelDirOpt = Annotated[Path | None, typer.Option("--model-dir", help="model directory (default from params)")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
+
+
+class UsageError(ValueError):
+    """A command-line option that cannot be used."""
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("jieba", "matplotlib", "PIL", "urllib3", "alembic", "mlflow", "git"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from sanshi_ml.artifacts import ArtifactError
+    from sanshi_ml.model import ModelError
+    from sanshi_ml.policy import PolicyError
+    from sanshi_ml.records import RecordError
+
+    return ConfigError, RecordError, ArtifactError, PolicyError, ModelError, UsageError, FileNotFoundError
+
+
+def friendly_errors(func: Callable) -> Callable:
+    """Turn the project's own errors into one clear line on stderr and exit status 2, never a traceback."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except _known_errors() as error:
+            typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def parse_targets(values: list[str] | None) -> dict[str, str] | None:
+    """``["category=一级分类", …]`` to a mapping; a bare ``一级分类`` names the target after its column."""
+    if not values:
+        return None
+    targets: dict[str, str] = {}
+    for value in values:
+        name, sep, column = value.partition("=")
+        name, column = name.strip(), column.strip()
+        if not sep:
+            name, column = value.strip(), value.strip()
+        if not name or not column:
+            raise UsageError(f"--target {value!r}: expected NAME=COLUMN")
+        if name in targets:
+            raise UsageError(f"--target {name} given twice")
+        targets[name] = column
+    return targets
+
+
+def build_params(params_file: Path | None, text_cols: str | None = None, segmented_col: str | None = None,
+                 targets: list[str] | None = None, id_col: str | None = None, time_col: str | None = None,
+                 **dotted: Any) -> Params:
+    """params.yaml with command-line options laid over it."""
+    params = load_params(params_file)
+    overrides: dict[str, Any] = {f"data.columns.{k}": v for k, v in {
+        "id_col": id_col, "time_col": time_col, "segmented_col": segmented_col,
+        "targets": parse_targets(targets)}.items()}
+    if _columns_given(text_cols, segmented_col, targets):
+        # Another export: its id and time columns are recognised by name unless given, not taken from params.yaml.
+        params.data.columns.id_col = None
+        params.data.columns.time_col = None
+        params.data.columns.segmented_col = None
+    if text_cols is not None:
+        overrides["data.columns.text_cols"] = [c.strip() for c in text_cols.split(",") if c.strip()]
+    elif segmented_col is not None:
+        overrides["data.columns.text_cols"] = []
+    overrides.update(dotted)
+    params = with_overrides(params, overrides)
+    if params.split.stratify_target not in (None, *params.data.columns.targets):
+        params.split.stratify_target = None  # stratify on the first target of this export
+    return params
+
+
+def _columns_given(*values: Any) -> bool:
+    return any(v is not None for v in values)
+
+
+# ----------------------------------------------------------------------------------------------------------- commands
+
+
+@app.command()
+@friendly_errors
+def train(
+    data: Annotated[list[Path] | None, typer.Argument(help="labelled export(s): CSV, Excel, Parquet or JSONL")] = None,
+    text_cols: TextColsOpt = None, segmented_col: SegmentedOpt = None, target: TargetOpt = None,
+    id_col: IdOpt = None, time_col: TimeOpt = None, model_dir: ModelDirOpt = None, params_file: ParamsOpt = None,
+    test_size: Annotated[float | None, typer.Option(help="held-out share")] = None,
+    seed: Annotated[int | None, typer.Option(help="split seed")] = None,
+    target_accuracy: Annotated[float | None, typer.Option(
+        help="accuracy that predictions accepted without review must reach")] = None,
+    C: Annotated[float | None, typer.Option("--C", help="inverse regularisation of the linear classifiers")] = None,
+    backend: Annotated[str | None, typer.Option(help="segmenter: rjieba (default) or jieba")] = None,
+    track: Annotated[bool | None, typer.Option("--track/--no-track", help="log the run to MLflow")] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Train a model on labelled records, evaluate it on a held-out split, and save it."""
+    _setup_logging(verbose)
+    from sanshi_ml.evaluate import summary_lines
+    from sanshi_ml.train import train as run_train
+
+    params = build_params(params_file, text_cols, segmented_col, target, id_col, time_col, **{
+        "split.test_size": test_size, "split.seed": seed, "train.target_accuracy": target_accuracy,
+        "train.C": C, "text.backend": backend, "train.model_dir": str(model_dir) if model_dir else None})
+    sources = data or [Path(params.data.path)]
+    result = run_train(sources, params, progress=lambda m: typer.echo(m, err=True), track=track)
+    typer.echo(f"model: {result.model_dir}  (held-out rows: {result.metadata['data']['n_test']})")
+    for line in summary_lines(result.metrics):
+        typer.echo(line)
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    data: Annotated[list[Path] | None, typer.Argument(help="labelled export(s) to evaluate on")] = None,
+    model_dir: ModelDirOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="report directory (metrics.json + PNG plots)")] = None,
+    cv: Annotated[int | None, typer.Option("--cv", help="also run K-fold cross-validation (K ≥ 2)")] = None,
+    text_cols: TextColsOpt = None, segmented_col: SegmentedOpt = None, target: TargetOpt = None,
+    id_col: IdOpt = None, time_col: TimeOpt = None, params_file: ParamsOpt = None, verbose: VerboseOpt = False,
+) -> None:
+    """Evaluate a saved model: metrics.json (per target, per class, per slice, ECE) and plots."""
+    _setup_logging(verbose)
+    from sanshi_ml.evaluate import summary_lines
+    from sanshi_ml.records import ColumnMap
+    from sanshi_ml.train import evaluate as run_evaluate
+
+    if cv is not None and cv == 1:
+        raise UsageError("--cv needs K ≥ 2 folds")
+    params = build_params(params_file, text_cols, segmented_col, target, id_col, time_col)
+    # Without column options, the columns recorded with the model are used.
+    columns = ColumnMap.from_config(params.data.columns) if _columns_given(
+        text_cols, segmented_col, target, id_col, time_col) else None
+    model_dir = model_dir or Path(params.train.model_dir)
+    payload = run_evaluate(data or [Path(params.data.path)], model_dir, out or Path(params.evaluate.out_dir), params,
+                           cv=cv if cv is not None else params.evaluate.cv, columns=columns,
+                           progress=lambda m: typer.echo(m, err=True))
+    for line in summary_lines(payload["targets"]):
+        typer.echo(line)
+    if "cv" in payload:
+        for name, metrics in payload["cv"]["targets"].items():
+            f1 = metrics["macro_f1"]
+            spread = f" ± {f1['std']:.3f}" if f1["std"] is not None else ""
+            typer.echo(f"{name:>10}: {payload['cv']['k']}-fold macro-F1 {f1['mean']:.3f}{spread}")
+
+
+@app.command()
+@friendly_errors
+def predict(
+    texts: Annotated[list[str] | None, typer.Argument(help="request text(s); '-' reads one text a line from stdin")]
+    = None,
+    model_dir: ModelDirOpt = None,
+    title: Annotated[str | None, typer.Option(help="title of the request (with a single text)")] = None,
+    top_k: Annotated[int, typer.Option(min=1, max=20, help="labels shown per target")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON lines instead of a table")] = False,
+    params_file: ParamsOpt = None,
+) -> None:
+    """Suggest category, 三事, unit and appeal type for request text(s), with confidence and reasons."""
+    _setup_logging(False)
+    from sanshi_ml.artifacts import load_model
+    from sanshi_ml.suggest import Suggester, text_status
+
+    params = load_params(params_file)
+    if not texts or texts == ["-"]:
+        if texts == ["-"] or not sys.stdin.isatty():
+            texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        if not texts:
+            raise UsageError("no text given: pass the request text as an argument or on stdin with '-'")
+    if title is not None and len(texts) != 1:
+        raise UsageError("--title goes with exactly one text")
+    for number, text in enumerate(texts, start=1):
+        status = text_status(text, params.serve.max_text_chars)
+        if status != "ok":
+            raise UsageError(f"text {number}: {status.replace('_', ' ')} "
+                             f"(limit {params.serve.max_text_chars} characters)")
+    suggester = Suggester.from_loaded(load_model(model_dir or Path(params.train.model_dir)), params.policy.path)
+    suggestions = suggester.suggest([(title, t) for t in texts], top_k=top_k)
+    for text, suggestion in zip(texts, suggestions):
+        if as_json:
+            typer.echo(json.dumps(suggestion, ensure_ascii=False))
+            continue
+        typer.echo(f"「{text[:60]}{'…' if len(text) > 60 else ''}」")
+        for name, field in suggestion["fields"].items():
+            flag = "  ⚠ 需人工复核 " + ",".join(field["review_reasons"]) if field["needs_review"] else ""
+            extra = ""
+            if field.get("sanshi"):
+                s = field["sanshi"]
+                extra = f"  [{s['colour']} · {s['handling_mode']} · {s['time_limit_days']}天]"
+            reasons = f"  依据: {'、'.join(field['reasons'])}" if field["reasons"] else ""
+            typer.echo(f"  {name:>9}: {field['label']} ({field['confidence']:.2f}){extra}{flag}{reasons}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

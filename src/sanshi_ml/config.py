@@ -1,0 +1,194 @@
+"""Typed parameters, one section per pipeline stage, read from ``params.yaml``.
+
+Every section forbids unknown keys, so a misspelled parameter fails loudly instead of being ignored.
+Nothing here touches the file system at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_PARAMS_FILE = "params.yaml"
+
+DEFAULT_TARGETS = {"category": "一级分类", "sanshi": "三事", "unit": "承办单位", "appeal": "诉求类型"}
+
+
+class ConfigError(ValueError):
+    """A parameter file or override that cannot be used; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ColumnsConfig(_Section):
+    """How the columns of an export map onto the record schema."""
+
+    id_col: str | None = Field(None, description="record id column; None recognises 留言编号, 工单编号, id, …")
+    text_cols: list[str] = Field(default_factory=lambda: ["标题", "诉求内容"],
+                                 description="title first (if more than one), then the text; joined in order")
+    time_col: str | None = Field(None, description="received-time column; None recognises 留言时间, 受理时间, …")
+    segmented_col: str | None = Field(None, description="pre-segmented text (tokens joined by spaces)")
+    targets: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_TARGETS),
+                                    description="target name -> label column")
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_not_empty(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("at least one target is needed (name: column)")
+        return value
+
+
+class DataConfig(_Section):
+    path: str = "data/demo/records.csv"
+    columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
+
+
+class SplitConfig(_Section):
+    """The held-out split used by train and evaluate; duplicates always stay on one side."""
+
+    test_size: float = Field(0.2, gt=0, lt=1)
+    seed: int = 42
+    stratify_target: str | None = Field(None, description="target to stratify on; None = the first target")
+
+
+class PrepareConfig(_Section):
+    out_dir: str = "data/prepared"
+
+
+class TextConfig(_Section):
+    backend: Literal["rjieba", "jieba"] = "rjieba"
+    user_dict: str | None = Field("builtin", description="'builtin', a path, or None")
+    stopwords: str | None = Field("builtin", description="'builtin', a path (one word a line), or None")
+    to_simplified: bool = True
+    mask_pii: bool = True
+    lowercase: bool = True
+
+
+class FeaturesConfig(_Section):
+    word_ngram_max: int = Field(2, ge=1, le=3)
+    char_ngram_max: int = Field(2, ge=0, le=3, description="character n-grams inside each word; 0 turns them off")
+    sublinear_tf: bool = True
+    min_df: int = Field(1, ge=1)
+    max_features: int | None = Field(None, ge=1)
+
+
+class TrainConfig(_Section):
+    model_dir: str = "models/demo"
+    C: float = Field(0.7, gt=0)
+    class_weight: Literal["balanced"] | None = "balanced"
+    calibration: Literal["sigmoid", "isotonic", "temperature"] = "sigmoid"
+    calibration_cv: int = Field(5, ge=2)
+    target_accuracy: float = Field(0.95, gt=0, le=1, description="accuracy of predictions accepted without review")
+    target_accuracy_by_target: dict[str, float] = Field(default_factory=dict)
+    threshold_holdout: float = Field(0.2, gt=0, lt=1, description="share of training rows that choose the thresholds")
+    n_jobs: int = Field(-1, description="parallel calibration folds; -1 uses every core")
+    reason_terms: int = Field(5, ge=0, le=50)
+
+
+class EvaluateConfig(_Section):
+    out_dir: str = "reports/demo"
+    cv: int = Field(0, ge=0, description="K-fold cross-validation; 0 evaluates the held-out split only")
+    reliability_bins: int = Field(10, ge=2, le=50)
+
+
+class PolicyConfig(_Section):
+    path: str | None = Field(None, description="a 三事分流责任清单 YAML; None uses the built-in default")
+    sanshi_target: str = "sanshi"
+    unit_target: str = "unit"
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    experiment: str = "sanshi-ml"
+    registered_model: str = "sanshi-triage"
+    alias: str = "champion"
+
+
+class ScoreConfig(_Section):
+    chunk_size: int = Field(20_000, ge=1)
+    jobs: int = Field(0, ge=0, description="worker processes; 0 = every core")
+    max_text_chars: int = Field(20_000, ge=1)
+
+
+class ReportConfig(_Section):
+    top_units: int = Field(15, ge=1)
+
+
+class ServeConfig(_Section):
+    max_text_chars: int = Field(20_000, ge=1)
+    max_batch: int = Field(256, ge=1)
+    top_k: int = Field(3, ge=1, le=20)
+
+
+class Params(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'")
+        else:
+            lines.append(f"{source}: {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
+    """Validate a raw mapping into :class:`Params`, naming every bad key."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source)) from None
+
+
+def load_params(path: str | Path | None = None) -> Params:
+    """Read ``params.yaml`` (or ``path``); a missing default file means built-in defaults."""
+    if path is None:
+        candidate = Path(DEFAULT_PARAMS_FILE)
+        if not candidate.exists():
+            return Params()
+        path = candidate
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: parameter file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return parse_params(raw, str(path))
+
+
+def with_overrides(params: Params, overrides: dict[str, Any]) -> Params:
+    """Return a copy of ``params`` with dotted keys (``train.C``) replaced; unknown keys are rejected."""
+    raw = params.model_dump()
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return parse_params(raw, "command-line options")

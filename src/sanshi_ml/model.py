@@ -1,0 +1,279 @@
+"""The multi-target triage model: shared features, one calibrated linear classifier per target, review thresholds
+chosen on held-out data, and reason terms.
+
+Texts are normalised and segmented once; one TF-IDF matrix feeds every target's classifier. Each classifier is a
+LinearSVC wrapped in ``CalibratedClassifierCV`` (one final estimator trained on all rows, calibrated on
+out-of-fold decision values), so every prediction carries a probability for each label.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.svm import LinearSVC
+
+from sanshi_ml.config import FeaturesConfig, TextConfig, TrainConfig
+from sanshi_ml.features import build_vectorizer, feature_names
+from sanshi_ml.records import RecordSet, grouped_stratified_split
+from sanshi_ml.text import Segmenter, normalize
+
+log = logging.getLogger(__name__)
+
+# A threshold above every possible probability: nothing is accepted without review.
+NEVER_ACCEPT = 1.01
+
+
+class ModelError(ValueError):
+    """Training data that cannot produce a model (too few rows or labels)."""
+
+
+@dataclass
+class TargetPredictions:
+    """One target's predictions for a batch of texts."""
+
+    classes: list[str]
+    proba: np.ndarray
+    threshold: float
+
+    @property
+    def index(self) -> np.ndarray:
+        return self.proba.argmax(axis=1)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.classes, dtype=object)[self.index]
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.proba.max(axis=1)
+
+    @property
+    def needs_review(self) -> np.ndarray:
+        return self.confidence < self.threshold
+
+    def top_k(self, row: int, k: int) -> list[tuple[str, float]]:
+        order = np.argsort(-self.proba[row])[:k]
+        return [(self.classes[i], float(self.proba[row, i])) for i in order]
+
+
+@dataclass
+class TargetHead:
+    """A fitted classifier for one target and what is known about it."""
+
+    name: str
+    classes: list[str]
+    classifier: CalibratedClassifierCV
+    threshold: float
+    threshold_info: dict = field(default_factory=dict)
+    excluded_labels: dict[str, int] = field(default_factory=dict)
+    n_train: int = 0
+
+    def linear_weights(self) -> np.ndarray:
+        """Class-by-feature weights of the final linear model (for reason terms)."""
+        estimator = self.classifier.calibrated_classifiers_[0].estimator
+        coef = estimator.coef_
+        if coef.shape[0] == 1:  # binary: one row of weights for the positive class
+            coef = np.vstack([-coef[0], coef[0]])
+        return np.asarray(coef, dtype=np.float32)
+
+
+def choose_threshold(confidence: np.ndarray, correct: np.ndarray, target_accuracy: float) -> dict:
+    """The lowest confidence threshold whose accepted predictions reach ``target_accuracy`` on held-out data.
+
+    Predictions are taken in order of falling confidence; the accepted set is the longest prefix whose accuracy is
+    at least the target, cut so that equal confidences are never split.
+    """
+    if len(confidence) == 0:
+        return {"threshold": NEVER_ACCEPT, "holdout_accuracy": None, "holdout_coverage": 0.0, "n_holdout": 0,
+                "reachable": False}
+    order = np.argsort(-confidence, kind="stable")
+    conf_sorted = confidence[order]
+    cum_acc = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
+    # Only positions where the next confidence is strictly lower are valid cut points.
+    valid_cut = np.r_[conf_sorted[1:] < conf_sorted[:-1], True]
+    ok = np.flatnonzero(valid_cut & (cum_acc >= target_accuracy))
+    if len(ok) == 0:
+        return {"threshold": NEVER_ACCEPT, "holdout_accuracy": None, "holdout_coverage": 0.0,
+                "n_holdout": int(len(order)), "reachable": False}
+    last = ok[-1]
+    return {"threshold": float(conf_sorted[last]), "holdout_accuracy": float(cum_acc[last]),
+            "holdout_coverage": float((last + 1) / len(order)), "n_holdout": int(len(order)), "reachable": True}
+
+
+class TriageModel:
+    """Normalise → segment → TF-IDF → one calibrated linear classifier per target."""
+
+    def __init__(self, text: TextConfig | None = None, features: FeaturesConfig | None = None,
+                 train: TrainConfig | None = None) -> None:
+        self.text_config = text or TextConfig()
+        self.features_config = features or FeaturesConfig()
+        self.train_config = train or TrainConfig()
+        self.segmenter = Segmenter(self.text_config.backend, self.text_config.user_dict, self.text_config.stopwords)
+        self.vectorizer = None
+        self.heads: dict[str, TargetHead] = {}
+        self.segmented_training = False
+        self.n_word_features = 0
+        self.word_names: np.ndarray | None = None
+        self._weights: dict[str, np.ndarray] = {}
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_weights"] = {}  # rebuilt on demand; no need to store two copies of the coefficients
+        return state
+
+    # ---------------------------------------------------------------------------------------------- text and features
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.heads)
+
+    def normalize(self, text: str) -> str:
+        cfg = self.text_config
+        return normalize(text, to_simplified=cfg.to_simplified, pii=cfg.mask_pii, lowercase=cfg.lowercase)
+
+    def tokens(self, texts: Sequence[str]) -> list[list[str]]:
+        """Raw texts (title and text already joined) to content words."""
+        return [self.segmenter.cut(self.normalize(text)) for text in texts]
+
+    def _segmented_tokens(self, texts: Sequence[str]) -> list[list[str]]:
+        return [self.segmenter.filter(self.normalize(text).split()) for text in texts]
+
+    def record_tokens(self, records: RecordSet) -> list[list[str]]:
+        """Tokens of loaded records: a pre-segmented column is split on spaces, never segmented again."""
+        if records.segmented:
+            return self._segmented_tokens(records.frame["segmented"].tolist())
+        return self.tokens(records.model_texts)
+
+    def transform(self, texts: Sequence[str]) -> sp.csr_matrix:
+        """TF-IDF features of raw texts."""
+        self._require_fitted()
+        return self.vectorizer.transform(self.tokens(texts))
+
+    # ---------------------------------------------------------------------------------------------------- training
+
+    def _classifier(self, n_jobs: int | None = None) -> CalibratedClassifierCV:
+        cfg = self.train_config
+        base = LinearSVC(C=cfg.C, class_weight=cfg.class_weight)
+        return CalibratedClassifierCV(base, method=cfg.calibration, cv=cfg.calibration_cv, ensemble=False,
+                                      n_jobs=cfg.n_jobs if n_jobs is None else n_jobs)
+
+    def fit(self, records: RecordSet, progress: Callable[[str], None] | None = None) -> TriageModel:
+        """Fit features on every row, then each target on the rows that carry its label."""
+        say = progress or log.info
+        if len(records) == 0:
+            raise ModelError("no records with text to train on")
+        started = time.perf_counter()
+        self.segmented_training = records.segmented
+        tokens = self.record_tokens(records)
+        say(f"segmented {len(tokens)} texts in {time.perf_counter() - started:.1f}s")
+        self.vectorizer = build_vectorizer(self.features_config)
+        X = self.vectorizer.fit_transform(tokens).tocsr()
+        names = np.asarray(feature_names(self.vectorizer), dtype=object)
+        is_word = np.char.startswith(names.astype(str), "word__")
+        self.n_word_features = int(is_word.sum())  # FeatureUnion puts the word block first
+        self.word_names = np.asarray([n[len("word__"):] for n in names[:self.n_word_features]], dtype=object)
+        say(f"{X.shape[1]} features ({self.n_word_features} word n-grams)")
+        if records.segmented:
+            # At prediction time raw text is cut by jieba; words the pre-segmented data never had (its stop words
+            # among them) are dropped so word n-grams form across the same neighbours as in training.
+            vocabulary = {token for row in tokens for token in row}
+            self.segmenter = Segmenter(self.text_config.backend, self.text_config.user_dict,
+                                       self.text_config.stopwords, keep_only=vocabulary)
+        groups = records.frame["group"].to_numpy()
+        for target in records.targets:
+            t0 = time.perf_counter()
+            self.heads[target] = self._fit_target(target, X, records.labels(target), groups)
+            head = self.heads[target]
+            say(f"target {target}: {len(head.classes)} labels, threshold {head.threshold:.3f} "
+                f"(held-out coverage {head.threshold_info.get('holdout_coverage', 0):.0%}), "
+                f"{time.perf_counter() - t0:.1f}s")
+        self._weights = {}
+        return self
+
+    def _fit_target(self, target: str, X: sp.csr_matrix, labels: np.ndarray, groups: np.ndarray) -> TargetHead:
+        cfg = self.train_config
+        has_label = np.array([label is not None and label == label and label != "" for label in labels])
+        y = labels[has_label].astype(str)
+        values, counts = np.unique(y, return_counts=True)
+        too_rare = {str(v): int(c) for v, c in zip(values, counts) if c < cfg.calibration_cv}
+        if too_rare:
+            log.warning("target %s: labels with fewer than %d rows cannot be calibrated and are left out: %s",
+                        target, cfg.calibration_cv, too_rare)
+        keep = has_label.copy()
+        keep[has_label] = ~np.isin(y, list(too_rare))
+        y = labels[keep].astype(str)
+        if len(np.unique(y)) < 2:
+            raise ModelError(f"target '{target}' needs at least two labels with {cfg.calibration_cv}+ rows each; "
+                             f"got {dict(zip(values.tolist(), counts.tolist()))}")
+        X_t, g_t = X[keep], groups[keep]
+        # Thresholds come from rows the classifier did not see: fit on part of the training rows, choose the
+        # threshold on the rest, then refit on all of them.
+        fit_idx, hold_idx = grouped_stratified_split(g_t, y, cfg.threshold_holdout, seed=0)
+        probe = self._classifier().fit(X_t[fit_idx], y[fit_idx])
+        proba = probe.predict_proba(X_t[hold_idx])
+        predicted = probe.classes_[proba.argmax(axis=1)]
+        accuracy_goal = cfg.target_accuracy_by_target.get(target, cfg.target_accuracy)
+        info = choose_threshold(proba.max(axis=1), predicted == y[hold_idx], accuracy_goal)
+        info["target_accuracy"] = accuracy_goal
+        final = self._classifier().fit(X_t, y)
+        return TargetHead(name=target, classes=[str(c) for c in final.classes_], classifier=final,
+                          threshold=info["threshold"], threshold_info=info, excluded_labels=too_rare,
+                          n_train=int(len(y)))
+
+    # ---------------------------------------------------------------------------------------------------- prediction
+
+    def _require_fitted(self) -> None:
+        if self.vectorizer is None or not self.heads:
+            raise ModelError("the model is not fitted")
+
+    def predict_features(self, X: sp.csr_matrix) -> dict[str, TargetPredictions]:
+        """Per-target probabilities for an already vectorised batch."""
+        return {name: TargetPredictions(head.classes, head.classifier.predict_proba(X), head.threshold)
+                for name, head in self.heads.items()}
+
+    def predict_records(self, records: RecordSet) -> dict[str, TargetPredictions]:
+        """Predictions for loaded records, tokenised the way their format requires."""
+        self._require_fitted()
+        return self.predict_features(self.vectorizer.transform(self.record_tokens(records)))
+
+    def predict(self, texts: Sequence[str]) -> tuple[dict[str, TargetPredictions], sp.csr_matrix]:
+        """Predictions for raw texts, and the feature matrix (reused for reason terms)."""
+        X = self.transform(texts)
+        return self.predict_features(X), X
+
+    def reason_terms(self, X: sp.csr_matrix, target: str, class_index: np.ndarray, k: int | None = None
+                     ) -> list[list[str]]:
+        """For each row, the ``k`` words or word pairs that pushed most towards the chosen label."""
+        k = self.train_config.reason_terms if k is None else k
+        if k == 0:
+            return [[] for _ in range(X.shape[0])]
+        if target not in self._weights:
+            self._weights[target] = self.heads[target].linear_weights()[:, :self.n_word_features]
+        weights = self._weights[target]
+        X = X.tocsr()
+        out = []
+        for row in range(X.shape[0]):
+            start, end = X.indptr[row], X.indptr[row + 1]
+            cols = X.indices[start:end]
+            in_words = cols < self.n_word_features
+            cols = cols[in_words]
+            if len(cols) == 0:
+                out.append([])
+                continue
+            contribution = X.data[start:end][in_words] * weights[class_index[row], cols]
+            best = np.argsort(-contribution)[:k]
+            out.append([str(self.word_names[cols[i]]).replace(" ", "") for i in best if contribution[i] > 0])
+        return out
+
+    def describe(self) -> dict:
+        """Targets, labels and thresholds, for metadata and the model-info endpoint."""
+        return {name: {"labels": head.classes, "threshold": head.threshold, "threshold_info": head.threshold_info,
+                       "excluded_labels": head.excluded_labels, "n_train": head.n_train}
+                for name, head in self.heads.items()}
+

@@ -1,0 +1,374 @@
+"""The record schema, loaders for CSV / Excel / Parquet / JSONL exports, validation and the held-out split.
+
+An export may name its columns anything; :class:`ColumnMap` says which column is which. Whatever the source, a loaded
+:class:`RecordSet` has the canonical columns ``id, title, text, received_at`` (plus ``segmented`` when the export was
+already cut into words) and one column per target, named by the target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sanshi_ml.config import ColumnsConfig
+
+log = logging.getLogger(__name__)
+
+ID_CANDIDATES = ("留言编号", "工单编号", "编号", "record_id", "id", "ID", "Id")
+TIME_CANDIDATES = ("留言时间", "受理时间", "来电时间", "登记时间", "创建时间", "received_at", "created_at", "time")
+
+CSV_SUFFIXES = {".csv", ".tsv", ".txt"}
+EXCEL_SUFFIXES = {".xlsx", ".xlsm", ".xls"}
+PARQUET_SUFFIXES = {".parquet", ".pq"}
+JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
+SUPPORTED_SUFFIXES = CSV_SUFFIXES | EXCEL_SUFFIXES | PARQUET_SUFFIXES | JSONL_SUFFIXES
+
+BASE_COLUMNS = ("id", "title", "text", "received_at")
+
+
+class RecordError(ValueError):
+    """An export that cannot be used as it is; the message names the file and, where it applies, the column."""
+
+
+@dataclass(frozen=True)
+class ColumnMap:
+    """Which column of an export holds what."""
+
+    text_cols: tuple[str, ...] = ()
+    targets: dict[str, str] = field(default_factory=dict)
+    id_col: str | None = None
+    time_col: str | None = None
+    segmented_col: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: ColumnsConfig) -> ColumnMap:
+        return cls(text_cols=tuple(cfg.text_cols), targets=dict(cfg.targets), id_col=cfg.id_col,
+                   time_col=cfg.time_col, segmented_col=cfg.segmented_col)
+
+    def without_targets(self) -> ColumnMap:
+        return ColumnMap(self.text_cols, {}, self.id_col, self.time_col, self.segmented_col)
+
+
+@dataclass
+class LoadReport:
+    """What happened to the rows of an export on the way in. Nothing is dropped without being counted here."""
+
+    source: str
+    rows_read: int = 0
+    empty_text_ids: list[str] = field(default_factory=list)
+    duplicate_rows: int = 0
+    duplicate_groups: int = 0
+    missing_labels: dict[str, int] = field(default_factory=dict)
+    unparsed_times: int = 0
+
+    @property
+    def rows_kept(self) -> int:
+        return self.rows_read - len(self.empty_text_ids)
+
+    def lines(self) -> list[str]:
+        """A short human-readable account, one fact a line."""
+        out = [f"{self.source}: {self.rows_read} rows read, {self.rows_kept} kept"]
+        if self.empty_text_ids:
+            shown = ", ".join(self.empty_text_ids[:10]) + (" …" if len(self.empty_text_ids) > 10 else "")
+            out.append(f"  skipped {len(self.empty_text_ids)} rows with empty text (ids: {shown})")
+        if self.duplicate_rows:
+            out.append(f"  {self.duplicate_rows} rows repeat an earlier text exactly ({self.duplicate_groups} texts); "
+                       "copies are kept on the same side of every split")
+        for target, count in self.missing_labels.items():
+            if count:
+                out.append(f"  {count} rows have no label for target '{target}' and are left out of its training")
+        if self.unparsed_times:
+            out.append(f"  {self.unparsed_times} received times could not be parsed and are left empty")
+        return out
+
+    def as_dict(self) -> dict:
+        return {"source": self.source, "rows_read": self.rows_read, "rows_kept": self.rows_kept,
+                "empty_text": len(self.empty_text_ids), "duplicate_rows": self.duplicate_rows,
+                "duplicate_groups": self.duplicate_groups, "missing_labels": dict(self.missing_labels),
+                "unparsed_times": self.unparsed_times}
+
+
+@dataclass
+class RecordSet:
+    """Canonical records and the report of how they were loaded."""
+
+    frame: pd.DataFrame
+    targets: list[str]
+    report: LoadReport
+    segmented: bool = False
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    @property
+    def model_texts(self) -> list[str]:
+        """The texts a model sees: the segmented column if there is one, else title and text joined."""
+        if self.segmented:
+            return self.frame["segmented"].tolist()
+        return [compose_title_text(t, x) for t, x in zip(self.frame["title"], self.frame["text"])]
+
+    def labels(self, target: str) -> np.ndarray:
+        return self.frame[target].to_numpy(dtype=object)
+
+    def content_hash(self) -> str:
+        """sha256 over texts and labels, in row order: identifies the training data in metadata and MLflow."""
+        digest = hashlib.sha256()
+        columns = ["id", "segmented" if self.segmented else "text", "title", *self.targets]
+        for row in self.frame[columns].astype(str).itertuples(index=False):
+            digest.update("\x1f".join(row).encode("utf-8"))
+            digest.update(b"\x1e")
+        return digest.hexdigest()
+
+
+def compose_title_text(title: str | None, text: str | None) -> str:
+    from sanshi_ml.text import compose
+
+    return compose(title, text)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading files
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise RecordError(f"{path}: file not found")
+    if path.is_dir():
+        raise RecordError(f"{path}: is a directory, expected a CSV, Excel, Parquet or JSONL file")
+    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+        raise RecordError(f"{path}: unsupported file type '{path.suffix}'; "
+                          f"use one of {', '.join(sorted(SUPPORTED_SUFFIXES))}")
+    if path.stat().st_size == 0:
+        raise RecordError(f"{path}: file is empty")
+
+
+def _csv_kwargs(path: Path) -> dict:
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    # encoding_errors="replace": one undecodable byte must not sink a whole export; the row keeps a U+FFFD.
+    return {"sep": sep, "dtype": str, "keep_default_na": False, "na_values": [""], "encoding": "utf-8-sig",
+            "encoding_errors": "replace"}
+
+
+def read_table(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Read a whole export into a DataFrame of strings, with an error that names the file if it cannot be read."""
+    path = Path(path)
+    _check_file(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in CSV_SUFFIXES:
+            frame = pd.read_csv(path, **_csv_kwargs(path))
+        elif suffix in EXCEL_SUFFIXES:
+            frame = pd.read_excel(path, dtype=str)
+        elif suffix in PARQUET_SUFFIXES:
+            frame = pd.read_parquet(path)
+        else:
+            frame = pd.read_json(path, lines=suffix != ".json", dtype=False)
+    except RecordError:
+        raise
+    except Exception as error:  # the reader's own message is the useful part; keep the file name in front
+        raise RecordError(f"{path}: cannot be read as {suffix[1:]}: {error}") from error
+    if frame.empty and len(frame.columns) == 0:
+        raise RecordError(f"{path}: no columns found (empty file?)")
+    if columns is not None:
+        require_columns(frame, columns, path)
+    return frame
+
+
+def iter_table(path: str | Path, chunk_size: int = 20_000) -> Iterator[pd.DataFrame]:
+    """Stream an export in chunks of about ``chunk_size`` rows, so memory stays flat whatever the file's size."""
+    path = Path(path)
+    _check_file(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in CSV_SUFFIXES:
+            yield from pd.read_csv(path, chunksize=chunk_size, **_csv_kwargs(path))
+        elif suffix in PARQUET_SUFFIXES:
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_size):
+                yield batch.to_pandas()
+        elif suffix in JSONL_SUFFIXES and suffix != ".json":
+            yield from pd.read_json(path, lines=True, chunksize=chunk_size, dtype=False)
+        else:  # Excel and whole-document JSON have no streaming reader; they are small by nature.
+            frame = read_table(path)
+            for start in range(0, len(frame), chunk_size):
+                yield frame.iloc[start:start + chunk_size]
+    except RecordError:
+        raise
+    except Exception as error:
+        raise RecordError(f"{path}: cannot be read as {suffix[1:]}: {error}") from error
+
+
+def require_columns(frame: pd.DataFrame, columns: Sequence[str], source: str | Path) -> None:
+    missing = [column for column in columns if column not in frame.columns]
+    if missing:
+        raise RecordError(f"{source}: missing column(s) {', '.join(repr(c) for c in missing)}; "
+                          f"the file has {', '.join(map(str, frame.columns))}")
+
+
+def _detect(frame: pd.DataFrame, explicit: str | None, candidates: Sequence[str]) -> str | None:
+    if explicit:
+        return explicit
+    for name in candidates:
+        if name in frame.columns:
+            return name
+    return None
+
+
+def resolve_columns(frame: pd.DataFrame, cmap: ColumnMap, source: str | Path) -> ColumnMap:
+    """Fill in the id and time columns by their usual names, then check that every named column exists."""
+    resolved = ColumnMap(cmap.text_cols, dict(cmap.targets), _detect(frame, cmap.id_col, ID_CANDIDATES),
+                         _detect(frame, cmap.time_col, TIME_CANDIDATES), cmap.segmented_col)
+    if not resolved.text_cols and not resolved.segmented_col:
+        raise RecordError(f"{source}: no text column given (use --text-cols or --segmented-col)")
+    needed = [c for c in (resolved.id_col, resolved.time_col, resolved.segmented_col) if c]
+    needed += list(resolved.text_cols) + list(resolved.targets.values())
+    require_columns(frame, needed, source)
+    return resolved
+
+
+def _as_text(series: pd.Series) -> pd.Series:
+    """Cells as stripped strings; missing, NaN and non-string values that are not numbers become ''."""
+    return series.map(lambda v: v.strip() if isinstance(v, str) else ("" if v is None or pd.isna(v) else str(v)))
+
+
+def canonical_frame(frame: pd.DataFrame, cmap: ColumnMap, source: str | Path, row_offset: int = 0) -> pd.DataFrame:
+    """Map an export's columns onto the record schema. Ids default to the 1-based row number."""
+    cmap = resolve_columns(frame, cmap, source)
+    out = pd.DataFrame(index=frame.index)
+    if cmap.id_col:
+        out["id"] = _as_text(frame[cmap.id_col])
+    else:
+        out["id"] = [f"row{row_offset + i + 1}" for i in range(len(frame))]
+    text_cols = list(cmap.text_cols)
+    if len(text_cols) > 1:
+        out["title"] = _as_text(frame[text_cols[0]])
+        body = _as_text(frame[text_cols[1]])
+        for column in text_cols[2:]:
+            body = body.str.cat(_as_text(frame[column]), sep="\n").str.strip()
+        out["text"] = body
+    elif text_cols:
+        out["title"] = ""
+        out["text"] = _as_text(frame[text_cols[0]])
+    else:
+        out["title"] = ""
+        out["text"] = _as_text(frame[cmap.segmented_col])
+    if cmap.segmented_col:
+        out["segmented"] = _as_text(frame[cmap.segmented_col])
+    if cmap.time_col:
+        out["received_at"] = pd.to_datetime(frame[cmap.time_col], errors="coerce", format="mixed")
+    else:
+        out["received_at"] = pd.NaT
+    for target, column in cmap.targets.items():
+        labels = _as_text(frame[column])
+        out[target] = labels.where(labels != "", None).astype(object)
+    return out.reset_index(drop=True)
+
+
+def to_records(frame: pd.DataFrame, cmap: ColumnMap, source: str | Path) -> RecordSet:
+    """Validate an export already in memory: report and skip empty texts, count duplicates and missing labels."""
+    canon = canonical_frame(frame, cmap, source)
+    segmented = cmap.segmented_col is not None
+    report = LoadReport(source=str(source), rows_read=len(canon))
+    content = canon["segmented"] if segmented else canon["title"].str.cat(canon["text"], sep="\n")
+    empty = content.str.strip() == ""
+    report.empty_text_ids = canon.loc[empty, "id"].tolist()
+    if _detect(frame, cmap.time_col, TIME_CANDIDATES):
+        report.unparsed_times = int(canon["received_at"].isna().sum())
+    canon = canon.loc[~empty].reset_index(drop=True)
+    return _with_groups(canon, list(cmap.targets), report, segmented)
+
+
+def _with_groups(frame: pd.DataFrame, targets: list[str], report: LoadReport, segmented: bool) -> RecordSet:
+    """Number the duplicate groups, count repeats and missing labels, and log the report."""
+    content = frame["segmented"] if segmented else frame["title"].str.cat(frame["text"], sep="\n").str.strip()
+    frame["group"] = duplicate_groups(content)
+    repeated = frame["group"].duplicated(keep="first")
+    report.duplicate_rows = int(repeated.sum())
+    report.duplicate_groups = int(frame.loc[repeated, "group"].nunique())
+    report.missing_labels = {t: int(frame[t].isna().sum()) for t in targets}
+    for line in report.lines():
+        log.debug(line)
+    return RecordSet(frame=frame, targets=targets, report=report, segmented=segmented)
+
+
+def load_records(path: str | Path, cmap: ColumnMap) -> RecordSet:
+    """Read and validate one export."""
+    return to_records(read_table(path), cmap, path)
+
+
+def load_many(paths: Sequence[str | Path], cmap: ColumnMap) -> RecordSet:
+    """Read several exports (e.g. the original labels and the clerks' feedback export) as one record set."""
+    sets = [load_records(path, cmap) for path in paths]
+    if len(sets) == 1:
+        return sets[0]
+    frame = pd.concat([s.frame.drop(columns="group") for s in sets], ignore_index=True)
+    report = LoadReport(source=" + ".join(str(p) for p in paths), rows_read=sum(s.report.rows_read for s in sets))
+    report.empty_text_ids = [i for s in sets for i in s.report.empty_text_ids]
+    report.unparsed_times = sum(s.report.unparsed_times for s in sets)
+    return _with_groups(frame, sets[0].targets, report, sets[0].segmented)
+
+
+def duplicate_groups(content: pd.Series) -> np.ndarray:
+    """One group number per distinct text: exact repeats share a number and so are never split apart."""
+    codes, _ = pd.factorize(content.to_numpy(dtype=object))
+    return codes
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The held-out split
+
+
+def split_indices(records: RecordSet, test_size: float, seed: int,
+                  stratify_target: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A stratified train/test split at the level of distinct texts, so duplicates never straddle it.
+
+    Each group of identical texts is one unit, stratified by the label of its first row. Classes with a single
+    group cannot be stratified and go to the training side.
+    """
+
+    frame = records.frame
+    target = stratify_target or records.targets[0]
+    if target not in frame:
+        raise RecordError(f"stratify target '{target}' is not among the targets {records.targets}")
+    labels = frame[target].fillna("<missing>").astype(str).to_numpy(dtype=object)
+    return grouped_stratified_split(frame["group"].to_numpy(), labels, test_size, seed)
+
+
+def grouped_stratified_split(groups: np.ndarray, labels: np.ndarray, test_size: float,
+                             seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split row positions so that each group lies wholly on one side, stratified by each group's first label."""
+    from sklearn.model_selection import train_test_split
+
+    first = pd.Series(labels).groupby(groups, sort=True).first()
+    counts = first.value_counts()
+    singletons = first.index[first.map(counts) < 2]
+    splittable = first.drop(index=singletons)
+    train_groups, test_groups = train_test_split(
+        splittable.index.to_numpy(), test_size=test_size, random_state=seed,
+        stratify=splittable.to_numpy(dtype=object))
+    in_test = np.isin(groups, test_groups)
+    return np.flatnonzero(~in_test), np.flatnonzero(in_test)
+
+
+def fold_indices(records: RecordSet, k: int, seed: int,
+                 stratify_target: str | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K stratified folds that keep duplicate texts together."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    target = stratify_target or records.targets[0]
+    y = records.frame[target].fillna("<missing>").astype(str).to_numpy(dtype=object)
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(len(y)), y, groups=records.frame["group"].to_numpy()))
+
+
+def subset(records: RecordSet, index: np.ndarray) -> RecordSet:
+    """The rows at ``index`` as a RecordSet of their own (sharing the load report)."""
+    return RecordSet(frame=records.frame.iloc[index].reset_index(drop=True), targets=records.targets,
+                     report=records.report, segmented=records.segmented)
