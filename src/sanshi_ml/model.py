@@ -157,11 +157,16 @@ class TriageModel:
 
     # ---------------------------------------------------------------------------------------------------- training
 
-    def _classifier(self, n_jobs: int | None = None) -> CalibratedClassifierCV:
+    def _fit_classifier(self, X: sp.csr_matrix, y: np.ndarray) -> CalibratedClassifierCV:
+        """A calibrated LinearSVC; with fewer rows of a label than calibration folds, fewer folds are used."""
         cfg = self.train_config
+        values, counts = np.unique(y, return_counts=True)
+        usable = np.isin(y, values[counts >= 2])  # a label seen once cannot be calibrated (the probe's rare case)
+        folds = int(min(cfg.calibration_cv, counts[counts >= 2].min()))
         base = LinearSVC(C=cfg.C, class_weight=cfg.class_weight)
-        return CalibratedClassifierCV(base, method=cfg.calibration, cv=cfg.calibration_cv, ensemble=False,
-                                      n_jobs=cfg.n_jobs if n_jobs is None else n_jobs)
+        classifier = CalibratedClassifierCV(base, method=cfg.calibration, cv=folds, ensemble=False,
+                                            n_jobs=cfg.n_jobs)
+        return classifier.fit(X[usable], y[usable])
 
     def fit(self, records: RecordSet, progress: Callable[[str], None] | None = None) -> TriageModel:
         """Fit features on every row, then each target on the rows that carry its label."""
@@ -215,13 +220,13 @@ class TriageModel:
         # Thresholds come from rows the classifier did not see: fit on part of the training rows, choose the
         # threshold on the rest, then refit on all of them.
         fit_idx, hold_idx = grouped_stratified_split(g_t, y, cfg.threshold_holdout, seed=0)
-        probe = self._classifier().fit(X_t[fit_idx], y[fit_idx])
+        probe = self._fit_classifier(X_t[fit_idx], y[fit_idx])
         proba = probe.predict_proba(X_t[hold_idx])
         predicted = probe.classes_[proba.argmax(axis=1)]
         accuracy_goal = cfg.target_accuracy_by_target.get(target, cfg.target_accuracy)
         info = choose_threshold(proba.max(axis=1), predicted == y[hold_idx], accuracy_goal)
         info["target_accuracy"] = accuracy_goal
-        final = self._classifier().fit(X_t, y)
+        final = self._fit_classifier(X_t, y)
         return TargetHead(name=target, classes=[str(c) for c in final.classes_], classifier=final,
                           threshold=info["threshold"], threshold_info=info, excluded_labels=too_rare,
                           n_train=int(len(y)))
