@@ -83,7 +83,8 @@ class TrainConfig(_Section):
     C: float = Field(0.7, gt=0)
     class_weight: Literal["balanced"] | None = "balanced"
     calibration: Literal["sigmoid", "isotonic", "temperature"] = "sigmoid"
-    calibration_cv: int = Field(5, ge=2)
+    calibration_cv: int = Field(5, ge=2, description="calibration folds; fewer when a label has fewer rows")
+    min_label_rows: int = Field(3, ge=2, description="labels with fewer training rows are left out (and reported)")
     target_accuracy: float = Field(0.95, gt=0, le=1, description="accuracy of predictions accepted without review")
     target_accuracy_by_target: dict[str, float] = Field(default_factory=dict)
     threshold_holdout: float = Field(0.2, gt=0, lt=1, description="share of training rows that choose the thresholds")

@@ -206,15 +206,15 @@ class TriageModel:
         has_label = np.array([label is not None and label == label and label != "" for label in labels])
         y = labels[has_label].astype(str)
         values, counts = np.unique(y, return_counts=True)
-        too_rare = {str(v): int(c) for v, c in zip(values, counts) if c < cfg.calibration_cv}
+        too_rare = {str(v): int(c) for v, c in zip(values, counts) if c < cfg.min_label_rows}
         if too_rare:
-            log.warning("target %s: labels with fewer than %d rows cannot be calibrated and are left out: %s",
-                        target, cfg.calibration_cv, too_rare)
+            log.warning("target %s: labels with fewer than %d rows cannot be learned and calibrated and are left "
+                        "out: %s", target, cfg.min_label_rows, too_rare)
         keep = has_label.copy()
         keep[has_label] = ~np.isin(y, list(too_rare))
         y = labels[keep].astype(str)
         if len(np.unique(y)) < 2:
-            raise ModelError(f"target '{target}' needs at least two labels with {cfg.calibration_cv}+ rows each; "
+            raise ModelError(f"target '{target}' needs at least two labels with {cfg.min_label_rows}+ rows each; "
                              f"got {dict(zip(values.tolist(), counts.tolist()))}")
         X_t, g_t = X[keep], groups[keep]
         # Thresholds come from rows the classifier did not see: fit on part of the training rows, choose the

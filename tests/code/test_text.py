@@ -1,0 +1,101 @@
+"""Normalisation, personal-data masking and segmentation."""
+
+import pickle
+
+import pytest
+
+from sanshi_ml.text import Segmenter, compose, mask_pii, normalize, split_segmented, strip_html
+
+
+def test_nfkc_folds_full_width_forms():
+    assert normalize("ＡＢＣ１２３，小区") == "abc123,小区"
+
+
+def test_traditional_characters_become_simplified():
+    assert normalize("社區電梯壞了，請儘快維修") == "社区电梯坏了,请尽快维修"
+
+
+def test_html_and_entities_are_removed_but_a_lone_angle_bracket_survives():
+    assert normalize("<p>路灯<b>不亮</b>&nbsp;了</p><!-- x -->") == "路灯 不亮 了"
+    assert strip_html("温度<5度时结冰") == "温度<5度时结冰"
+
+
+def test_whitespace_collapses_to_single_spaces():
+    assert normalize("  噪音\t\t扰民\n\n\u3000严重 ") == "噪音 扰民 严重"
+
+
+@pytest.mark.parametrize("raw, placeholder", [
+    ("我的手机13800001234请回电", "PHONE"),
+    ("电话139-0000-5678", "PHONE"),
+    ("电话+86 138 0000 1234", "PHONE"),
+    ("座机0731-88880000", "PHONE"),
+    ("座机(010)62345678", "PHONE"),
+    ("身份证430102199001011234", "IDNUM"),
+    ("身份证43010219900101123X", "IDNUM"),
+    ("邮箱zhang.san+x@example.com.cn", "EMAIL"),
+    ("车牌湘A12345停在消防通道", "PLATE"),
+    ("新能源车牌粤B·D12345", "PLATE"),
+])
+def test_personal_data_is_replaced_by_placeholders(raw, placeholder):
+    masked = normalize(raw)
+    assert placeholder in masked
+    assert not any(ch.isdigit() for ch in masked.replace("86", "")), masked
+
+
+def test_masking_leaves_dates_amounts_and_addresses_alone():
+    text = "2019年4月15日反映的3栋2单元,欠薪12000元,编号20190415"
+    assert mask_pii(text) == text
+
+
+def test_id_number_is_not_half_masked_as_a_phone():
+    assert normalize("430102199001011234") == "IDNUM"
+
+
+def test_compose_joins_title_and_text():
+    assert compose("标题", "内容") == "标题\n内容"
+    assert compose(None, "内容") == "内容"
+    assert compose("标题", "") == "标题"
+
+
+@pytest.fixture(scope="module", params=["rjieba", "jieba"])
+def segmenter(request):
+    return Segmenter(request.param)
+
+
+def test_segmenter_drops_punctuation_and_stop_words(segmenter):
+    tokens = segmenter.cut(normalize("尊敬的领导：您好！我们小区的电梯坏了。"))
+    assert "电梯" in tokens
+    assert not {"的", "：", "!", "您好", "。"} & set(tokens)
+
+
+def test_user_dictionary_keeps_compound_names_whole(segmenter):
+    tokens = segmenter.cut(normalize("社区居委会和业委会让网格员来调解"))
+    assert {"社区居委会", "业委会", "网格员"} <= set(tokens)
+    bare = Segmenter(segmenter.backend, user_dict=None)
+    assert "网格员" not in bare.cut(normalize("社区居委会和业委会让网格员来调解"))
+
+
+def test_placeholders_survive_segmentation_as_one_token(segmenter):
+    tokens = segmenter.cut(normalize("请回电13800001234或发邮件到a@b.com"))
+    assert tokens.count("PHONE") == 1 and tokens.count("EMAIL") == 1
+
+
+def test_segmenter_pickles_without_its_dictionary(segmenter):
+    segmenter.cut("预热")
+    blob = pickle.dumps(segmenter)
+    assert len(blob) < 10_000
+    assert pickle.loads(blob).cut("小区电梯坏了") == segmenter.cut("小区电梯坏了")
+
+
+def test_keep_only_drops_words_the_training_data_never_had():
+    segmenter = Segmenter(keep_only={"电梯", "小区"})
+    assert segmenter.cut("小区的电梯和路灯坏了") == ["小区", "电梯"]
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown segmentation backend 'hanlp'"):
+        Segmenter("hanlp")
+
+
+def test_pre_segmented_text_is_split_on_spaces_only():
+    assert split_segmented("市 西湖 建筑 集团 占 道 施工  ,") == ["市", "西湖", "建筑", "集团", "占", "道", "施工"]
