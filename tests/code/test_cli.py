@@ -46,7 +46,7 @@ def test_evaluate_writes_metrics_and_plots_with_cross_validation(trained, tmp_pa
     sanshi = metrics["targets"]["sanshi"]
     assert {"accuracy", "macro_f1", "ece", "coverage_at_threshold", "accuracy_at_threshold", "per_class"} <= set(sanshi)
     assert set(sanshi["per_class"]["家事"]) == {"precision", "recall", "f1", "support"}
-    assert "year=2024" in sanshi["slices"] and any(n.startswith("rare_classes") for n in sanshi["slices"])
+    assert "year=2024" in sanshi["slices"] and any(n.startswith("long_text") for n in sanshi["slices"])
     cv = metrics["cv"]["targets"]["sanshi"]["macro_f1"]
     assert len(cv["folds"]) == 3 and cv["std"] is not None
     for kind in ("confusion", "reliability", "coverage"):
