@@ -228,5 +228,48 @@ def predict(
             typer.echo(f"  {name:>9}: {field['label']} ({field['confidence']:.2f}){extra}{flag}{reasons}")
 
 
+@app.command()
+@friendly_errors
+def prepare(
+    data: Annotated[list[Path] | None, typer.Argument(help="labelled export(s): CSV, Excel, Parquet or JSONL")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="output directory (default: prepare.out_dir)")] = None,
+    text_cols: TextColsOpt = None, segmented_col: SegmentedOpt = None, target: TargetOpt = None,
+    id_col: IdOpt = None, time_col: TimeOpt = None, params_file: ParamsOpt = None, verbose: VerboseOpt = False,
+) -> None:
+    """Validate labelled export(s) and write them as one records.parquet (+ prepare.json) for train and evaluate."""
+    _setup_logging(verbose)
+    from sanshi_ml.prepare import prepare as run_prepare
+
+    params = build_params(params_file, text_cols, segmented_col, target, id_col, time_col)
+    report = run_prepare(data or [Path(params.data.path)], params, out or Path(params.prepare.out_dir),
+                         progress=lambda m: typer.echo(m, err=True))
+    typer.echo(f"prepared: {report['output']}  ({report['rows']} records, data sha256 {report['data_sha256'][:12]})")
+
+
+@app.command()
+@friendly_errors
+def promote(
+    run_id: Annotated[str | None, typer.Argument(help="MLflow run id of a `sanshi-ml train` run")] = None,
+    best: Annotated[str | None, typer.Option(
+        "--best", help="promote the finished run with the best value of this metric, e.g. category.macro_f1")] = None,
+    lowest: Annotated[bool, typer.Option("--lowest", help="with --best: the lowest value wins (e.g. sanshi.ece)")]
+    = False,
+    params_file: ParamsOpt = None,
+) -> None:
+    """Register a run's model (as tracking.registered_model) and move the alias (tracking.alias) to it."""
+    _setup_logging(False)
+    if (run_id is None) == (best is None):
+        raise UsageError("give a RUN_ID or --best METRIC (one of them)")
+    from sanshi_ml.tracking import TrackingError, champion_uri, promote as run_promote, tracking_uri
+
+    params = load_params(params_file)
+    try:
+        version = run_promote(run_id, params, best_metric=best, lowest=lowest)
+    except TrackingError as error:
+        raise UsageError(str(error)) from None
+    typer.echo(f"{params.tracking.registered_model} version {version.version} (run {version.run_id}) is now "
+               f"{champion_uri(params)}  [{tracking_uri(params)}]")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()

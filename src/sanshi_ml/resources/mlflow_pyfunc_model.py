@@ -1,0 +1,12 @@
+"""MLflow "models from code" entry point for the sanshi-ml pyfunc model.
+
+MLflow copies this file into every logged model and executes it when the model is loaded; the package never imports
+it. Logging the wrapper as code rather than as a cloudpickled object keeps python_model.pkl out of the model (the
+only pickle left is model.joblib, whose sha256 is checked before it is loaded).
+"""
+
+from mlflow.models import set_model
+
+from sanshi_ml.tracking import SanshiTriageModel
+
+set_model(SanshiTriageModel())

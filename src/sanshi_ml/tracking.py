@@ -1,0 +1,358 @@
+"""MLflow tracking and the model registry: one run per training, promotion by alias, loading a promoted model.
+
+Every ``sanshi-ml train`` (and so every DVC ``train`` stage and every notebook training) logs a run with the
+flattened params, the data hash and git commit as tags, per-target and per-class metrics, the evaluation plots, and
+the model as an MLflow pyfunc model. ``promote`` registers a run's model as ``sanshi-triage`` and moves the alias
+``champion`` to it; the server loads ``models:/sanshi-triage@champion`` through :func:`load_registered_model_dir`.
+
+The tracking URI is set explicitly, inside each function, never at import time. It comes from ``params.tracking.uri``,
+else ``$MLFLOW_TRACKING_URI``, else a SQLite store ``mlflow.db`` in the current directory. MLflow's file store
+(``./mlruns`` as a tracking URI) is deprecated and refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from sanshi_ml.artifacts import METADATA_FILE, MODEL_FILE, LoadedModel, library_versions, load_model
+from sanshi_ml.config import Params
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+
+    from sanshi_ml.model import TargetPredictions
+    from sanshi_ml.records import RecordSet
+    from sanshi_ml.train import TrainResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORE = "mlflow.db"
+MODEL_ARTIFACT = "model"  # name of the pyfunc model inside a run: runs:/<run_id>/model
+SANSHI_ARTIFACT = "sanshi_model"  # the pyfunc model's artifact: a sanshi-ml model directory
+REPORT_ARTIFACT = "evaluation"  # metrics.json and plots of the held-out split
+TAG_DATA_SHA = "data_sha256"
+TAG_GIT_COMMIT = "git_commit"
+TAG_MODEL_SHA = "model_sha256"
+TAG_MODEL_URI = "sanshi_model_uri"  # models:/<logged model id> of the run's pyfunc model
+# Input example of the logged model: two requests of the kind the demo answers (fictional, no personal data).
+EXAMPLE_REQUESTS = [("电梯坏了", "A3区青青家园小区的电梯坏了一个多月，物业一直不修"),
+                    (None, "楼上邻居每天深夜拖动家具，噪音太大，沟通无果")]
+_PYFUNC_CODE = Path(__file__).parent / "resources" / "mlflow_pyfunc_model.py"
+_REQUIREMENTS = ("scikit-learn", "numpy", "scipy", "pandas", "joblib", "rjieba", "jieba", "opencc")
+# MLflow accepts word characters, '.', '-', '/', ' ' and ':' in metric names (':' not on Windows); the rest of a
+# class or slice name (parentheses, '<', '%', '=') becomes '_'.
+_METRIC_UNSAFE = re.compile(r"[^\w.\-/ ]")
+
+
+class TrackingError(RuntimeError):
+    """A tracking store, run or registered model that cannot be used; the message says which and where."""
+
+
+# ------------------------------------------------------------------------------------------------------ the store
+
+
+def tracking_uri(params: Params | None = None) -> str:
+    """The tracking URI to use: params, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``.
+
+    Relative SQLite paths are made absolute against the current directory, so a run logged from a notebook in
+    ``notebooks/`` and one logged by ``dvc repro`` at the repository root land in the same store.
+    """
+    uri = (params.tracking.uri if params is not None else None) or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    uri = uri.strip() or f"sqlite:///{DEFAULT_STORE}"
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if path and path != ":memory:" and not path.startswith("/"):
+            uri = "sqlite:///" + str((Path.cwd() / path).resolve())
+        return uri
+    if "://" not in uri or uri.startswith("file:"):
+        raise TrackingError(f"tracking URI {uri!r} is MLflow's deprecated file store; use a SQLite store such as "
+                            "sqlite:///mlflow.db (tracking.uri in params.yaml or MLFLOW_TRACKING_URI)")
+    return uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        return Path(uri[len("sqlite:///"):])
+    return None
+
+
+def _client(params: Params | None) -> MlflowClient:
+    """Point MLflow (tracking and registry) at the configured store and return a client for it."""
+    uri = tracking_uri(params)
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment's id, creating it if needed. With a SQLite store its artifacts go to ``mlartifacts/`` beside
+    the database (MLflow's own default is ``./mlruns`` under whatever directory the first run happened to use)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        db = _sqlite_path(client.tracking_uri)
+        location = (db.parent / "mlartifacts").resolve().as_uri() if db is not None else None
+        return client.create_experiment(name, artifact_location=location)
+    if experiment.lifecycle_stage != "active":
+        raise TrackingError(f"experiment {name!r} is deleted in {client.tracking_uri}; restore it "
+                            "(mlflow experiments restore) or set tracking.experiment to another name")
+    return experiment.experiment_id
+
+
+# ------------------------------------------------------------------------------------------------ what gets logged
+
+
+def flatten_params(params: Params) -> dict[str, str]:
+    """Every parameter as ``section.key`` (nested mappings joined with dots), values as text."""
+
+    def walk(prefix: str, value: Any) -> Iterator[tuple[str, str]]:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                yield from walk(f"{prefix}.{key}" if prefix else str(key), item)
+        elif isinstance(value, str):
+            yield prefix, value
+        else:
+            yield prefix, json.dumps(value, ensure_ascii=False)
+
+    return dict(walk("", params.model_dump()))
+
+
+def metric_key(*parts: str) -> str:
+    """A metric name MLflow accepts, from parts such as ``("category", "f1", "城乡建设")``."""
+    key = ".".join(_METRIC_UNSAFE.sub("_", str(part)).strip() or "_" for part in parts)
+    # Names must not change under path normalisation ("a//b", "a/./b", leading "/").
+    key = re.sub(r"/+", "/", key).strip("/")
+    return re.sub(r"(^|/)\.+(?=/|$)", r"\1_", key) or "_"
+
+
+def run_metrics(metrics: dict) -> dict[str, float]:
+    """Flat MLflow metrics from evaluate_model's output: per target, per class and per slice."""
+    out: dict[str, float] = {}
+
+    def put(value: Any, *parts: str) -> None:
+        if value is not None and isinstance(value, (int, float, np.number)) and math.isfinite(float(value)):
+            out[metric_key(*parts)] = float(value)
+
+    for target, m in metrics.items():
+        for key in ("accuracy", "macro_f1", "weighted_f1", "ece", "threshold", "coverage_at_threshold",
+                    "accuracy_at_threshold", "n", "n_accepted"):
+            put(m.get(key), target, key)
+        for label, stats in m.get("per_class", {}).items():
+            for stat in ("f1", "precision", "recall", "support"):
+                put(stats.get(stat), target, stat, label)
+        for name, stats in m.get("slices", {}).items():
+            for stat in ("accuracy", "macro_f1", "n"):
+                put(stats.get(stat), target, "slice", name, stat)
+    return out
+
+
+def pip_requirements() -> list[str]:
+    """Pinned requirements of the logged model (given explicitly: MLflow's inference would load the model in a
+    subprocess). sanshi-ml itself is not on PyPI; the loading environment installs it from the repository."""
+    versions = library_versions()
+    pins = [f"{name}=={versions[name]}" for name in _REQUIREMENTS if versions.get(name, "not installed")
+            != "not installed"]
+    return [f"mlflow=={mlflow.__version__}", *pins]
+
+
+class SanshiTriageModel(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc wrapper around a sanshi-ml model directory.
+
+    The directory is loaded with :func:`sanshi_ml.artifacts.load_model`, so the sha256 check applies, and answers
+    go through :class:`sanshi_ml.suggest.Suggester`, like the CLI, the server and batch scoring. Input: a frame
+    with ``text`` and an optional ``title``; output: Suggester.score_frame's columns.
+    """
+
+    def load_context(self, context) -> None:
+        from sanshi_ml.suggest import Suggester
+
+        self.suggester = Suggester.from_loaded(load_model(context.artifacts[SANSHI_ARTIFACT]))
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        from sanshi_ml.text import compose
+
+        frame = pd.DataFrame(model_input)
+        if "text" not in frame:
+            raise TrackingError("input needs a 'text' column (and optionally 'title')")
+        titles = frame["title"] if "title" in frame else [None] * len(frame)
+        texts = [compose(t if isinstance(t, str) else None, x if isinstance(x, str) else "")
+                 for t, x in zip(titles, frame["text"])]
+        return self.suggester.score_frame(texts)
+
+
+def _signature(output: pd.DataFrame):
+    from mlflow.models.signature import ModelSignature, infer_signature
+    from mlflow.types.schema import ColSpec, Schema
+
+    inputs = Schema([ColSpec("string", "title", required=False), ColSpec("string", "text")])
+    return ModelSignature(inputs=inputs, outputs=infer_signature(None, output).inputs)
+
+
+@contextmanager
+def _quiet_downloads() -> Iterator[None]:
+    """Without MLflow's per-file progress bars, which fill logs with one line per artifact."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    saved = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved
+
+
+def _log_model(result: TrainResult, run_id: str, work: Path) -> str:
+    """Log the model directory (model.joblib + metadata.json, nothing else) as a pyfunc model; returns its URI."""
+    from sanshi_ml.suggest import Suggester
+
+    bundle = work / SANSHI_ARTIFACT
+    bundle.mkdir()
+    shutil.copy2(result.model_dir / MODEL_FILE, bundle / MODEL_FILE)
+    metadata = json.loads((result.model_dir / METADATA_FILE).read_text(encoding="utf-8"))
+    metadata["mlflow_run_id"] = run_id  # the sha256 covers model.joblib only, so this keeps the check valid
+    (bundle / METADATA_FILE).write_text(json.dumps(metadata, ensure_ascii=False, indent=2), encoding="utf-8")
+    example = pd.DataFrame({"title": [t for t, _ in EXAMPLE_REQUESTS], "text": [x for _, x in EXAMPLE_REQUESTS]})
+    # The output schema comes from the fitted model in memory; the logged model is the wrapper's code, which
+    # loads the model from the artifact.
+    probe = SanshiTriageModel()
+    probe.suggester = Suggester.from_loaded(LoadedModel(result.model, metadata, bundle))
+    signature = _signature(probe.predict(None, example))
+    info = mlflow.pyfunc.log_model(
+        name=MODEL_ARTIFACT, python_model=str(_PYFUNC_CODE), artifacts={SANSHI_ARTIFACT: str(bundle)},
+        signature=signature, input_example=example, pip_requirements=pip_requirements(),
+        metadata={"sanshi_model_version": metadata["artifact"]["sha256"][:12],
+                  TAG_DATA_SHA: metadata.get("data", {}).get("sha256")})
+    return info.model_uri
+
+
+def log_training_run(result: TrainResult, params: Params, predictions: dict[str, TargetPredictions] | None = None,
+                     test: RecordSet | None = None) -> str:
+    """Log one training run (params, tags, metrics, plots, model) and return its run id.
+
+    ``test`` and ``predictions`` are the held-out rows and the model's predictions for them; with them the
+    evaluation plots are logged too (predictions are computed if only ``test`` is given).
+    """
+    from sanshi_ml.evaluate import write_report
+
+    client = _client(params)
+    experiment_id = _experiment_id(client, params.tracking.experiment)
+    meta = result.metadata
+    data = meta.get("data", {})
+    tags = {TAG_DATA_SHA: data.get("sha256") or "", TAG_GIT_COMMIT: meta.get("git_commit") or "unknown",
+            TAG_MODEL_SHA: meta["artifact"]["sha256"], "model_dir": str(result.model_dir),
+            "data_sources": json.dumps(data.get("sources", []), ensure_ascii=False),
+            "sanshi_ml_version": meta.get("libraries", {}).get("sanshi-ml", "")}
+    run_name = f"{Path(result.model_dir).name}-C{params.train.C:g}-{meta['artifact']['sha256'][:8]}"
+    try:
+        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+            run_id = run.info.run_id
+            mlflow.log_params(flatten_params(params))
+            mlflow.log_metrics(run_metrics(result.metrics))
+            mlflow.log_dict({"data": data, "targets": meta.get("targets", {}), "policy": meta.get("policy")},
+                            "training_summary.json")
+            with tempfile.TemporaryDirectory(prefix="sanshi-mlflow-") as tmp:
+                if test is not None:
+                    if predictions is None:
+                        predictions = result.model.predict_records(test)
+                    report_dir = Path(tmp) / REPORT_ARTIFACT
+                    write_report(result.metrics, test, predictions, report_dir,
+                                 {"scope": "the held-out split of the training data",
+                                  "data_sha256": data.get("sha256")})
+                    mlflow.log_artifacts(str(report_dir), REPORT_ARTIFACT)
+                with _quiet_downloads():
+                    mlflow.set_tag(TAG_MODEL_URI, _log_model(result, run_id, Path(tmp)))
+    except MlflowException as error:
+        raise TrackingError(f"MLflow ({tracking_uri(params)}): {error.message}") from error
+    log.info("logged MLflow run %s to %s", run_id, tracking_uri(params))
+    return run_id
+
+
+# ------------------------------------------------------------------------------------------------------ the registry
+
+
+def best_run(params: Params, metric: str, lowest: bool = False) -> str:
+    """The id of the finished run in the experiment with the highest (or lowest) value of ``metric``."""
+    client = _client(params)
+    experiment = client.get_experiment_by_name(params.tracking.experiment)
+    if experiment is None:
+        raise TrackingError(f"no experiment {params.tracking.experiment!r} in {client.tracking_uri}: train first")
+    key = metric_key(*metric.split("."))
+    runs = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                              order_by=[f"metrics.`{key}` {'ASC' if lowest else 'DESC'}"], max_results=50)
+    runs = [r for r in runs if key in r.data.metrics]
+    if not runs:
+        raise TrackingError(f"no finished run in experiment {params.tracking.experiment!r} has the metric {key!r} "
+                            f"(metrics look like category.macro_f1 or sanshi.f1.公事)")
+    return runs[0].info.run_id
+
+
+def promote(run_id: str | None, params: Params, best_metric: str | None = None,
+            lowest: bool = False) -> ModelVersion:
+    """Register a run's model as ``params.tracking.registered_model`` and move the alias to the new version.
+
+    Give ``run_id``, or ``best_metric`` (e.g. ``category.macro_f1``) to pick the best finished run.
+    """
+    if (run_id is None) == (best_metric is None):
+        raise TrackingError("give either a run id or a metric to pick the best run by, not both")
+    client = _client(params)
+    if best_metric is not None:
+        run_id = best_run(params, best_metric, lowest)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise TrackingError(f"run {run_id!r} not found in {client.tracking_uri}") from None
+    name, alias = params.tracking.registered_model, params.tracking.alias
+    tags = {k: run.data.tags.get(k, "") for k in (TAG_DATA_SHA, TAG_GIT_COMMIT, TAG_MODEL_SHA)}
+    try:
+        model_uri = run.data.tags.get(TAG_MODEL_URI) or f"runs:/{run_id}/{MODEL_ARTIFACT}"
+        version = mlflow.register_model(model_uri, name, tags=tags)
+        client.set_registered_model_alias(name, alias, version.version)
+    except MlflowException as error:
+        raise TrackingError(f"cannot register run {run_id}'s model as {name!r}: {error.message}") from error
+    log.info("registered %s version %s from run %s; alias %s now points to it", name, version.version, run_id, alias)
+    return version
+
+
+def champion_uri(params: Params) -> str:
+    """``models:/<registered model>@<alias>`` as configured in params."""
+    return f"models:/{params.tracking.registered_model}@{params.tracking.alias}"
+
+
+def load_registered_model_dir(uri: str, dst: str | Path | None = None, params: Params | None = None) -> Path:
+    """Download a logged model (``models:/sanshi-triage@champion``, ``models:/name/3``, ``runs:/<id>/model``) and
+    return the sanshi-ml model directory inside it, ready for :func:`sanshi_ml.artifacts.load_model`.
+
+    ``dst`` is where the download goes (default: a new temporary directory, left for the caller to remove).
+    """
+    _client(params)
+    target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="sanshi-model-"))
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        with _quiet_downloads():
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
+    except MlflowException as error:
+        raise TrackingError(f"cannot load {uri} from {tracking_uri(params)}: {error.message}") from error
+    model_dir = local / "artifacts" / SANSHI_ARTIFACT
+    if not (model_dir / METADATA_FILE).is_file():
+        raise TrackingError(f"{uri}: not a sanshi-ml model (no artifacts/{SANSHI_ARTIFACT}/{METADATA_FILE} in it)")
+    return model_dir
