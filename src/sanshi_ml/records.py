@@ -120,7 +120,8 @@ class RecordSet:
         """sha256 over texts and labels, in row order: identifies the training data in metadata and MLflow."""
         digest = hashlib.sha256()
         columns = ["id", "segmented" if self.segmented else "text", "title", *self.targets]
-        for row in self.frame[columns].astype(str).itertuples(index=False):
+        # A missing label hashes as "None" (pandas 3's astype(str) would leave it NaN and break the join).
+        for row in self.frame[columns].astype(object).fillna("None").astype(str).itertuples(index=False):
             digest.update("\x1f".join(row).encode("utf-8"))
             digest.update(b"\x1e")
         return digest.hexdigest()
