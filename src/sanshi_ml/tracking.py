@@ -203,7 +203,7 @@ def _signature(output: pd.DataFrame):
     from mlflow.types.schema import ColSpec, Schema
 
     inputs = Schema([ColSpec("string", "title", required=False), ColSpec("string", "text")])
-    return ModelSignature(inputs=inputs, outputs=infer_signature(None, output).inputs)
+    return ModelSignature(inputs=inputs, outputs=infer_signature(output).inputs)  # the schema of the output frame
 
 
 @contextmanager
