@@ -271,5 +271,60 @@ def promote(
                f"{champion_uri(params)}  [{tracking_uri(params)}]")
 
 
+@app.command()
+@friendly_errors
+def serve(
+    model_dir: ModelDirOpt = None,
+    model_uri: Annotated[str | None, typer.Option(
+        "--model-uri", help="MLflow registry URI instead of a directory, e.g. models:/sanshi-triage@champion")] = None,
+    host: Annotated[str, typer.Option(help="interface to listen on (0.0.0.0 for every interface)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="worker processes, each with its own copy of the model; "
+                                         "one per core")] = 1,
+    database_url: Annotated[str | None, typer.Option(
+        "--database-url", help="feedback store: sqlite:///feedback.db (default) or postgresql://user@host/db")] = None,
+    access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="log every request")] = False,
+    params_file: ParamsOpt = None,
+) -> None:
+    """Serve suggestions over HTTP (FastAPI + uvicorn), with the clerk page at / and the API docs at /docs.
+
+    Other settings come from SANSHI_* variables: SANSHI_API_KEY (feedback and export), SANSHI_OPEN_SUGGESTIONS,
+    SANSHI_STRICT, SANSHI_MAX_TEXT_CHARS, SANSHI_MAX_BATCH (see docs/serving.md).
+    """
+    _setup_logging(False)
+    import os
+
+    import uvicorn
+    from pydantic import ValidationError
+
+    from sanshi_ml.artifacts import read_metadata
+    from serve.settings import ENV_PREFIX, Settings
+
+    try:
+        settings = Settings.load(params_file, model_dir=model_dir, model_uri=model_uri, database_url=database_url)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors())
+        raise UsageError(f"server settings: {problems}") from None
+    if settings.model_dir is not None:
+        read_metadata(settings.model_dir)  # a wrong directory fails here, in one line, not later in a worker
+    if settings.api_key is None:
+        log.warning("SANSHI_API_KEY is not set: /v1/feedback and /v1/feedback/export refuse every request")
+    log.info("serving %s on http://%s:%d (%d worker%s)", settings.model_source, host, port, workers,
+             "s" if workers > 1 else "")
+    if workers == 1:
+        from serve.app import create_app
+
+        uvicorn.run(create_app(settings), host=host, port=port, access_log=access_log, log_level="info")
+        return
+    # Worker processes build their own app from the environment, so the resolved settings travel there.
+    for name in ("model_dir", "model_uri", "tracking_uri", "database_url", "policy_path", "max_text_chars",
+                 "max_batch", "top_k"):
+        value = getattr(settings, name)
+        if value is not None:
+            os.environ[f"{ENV_PREFIX}{name.upper()}"] = str(value)
+    uvicorn.run("serve.app:create_app", factory=True, host=host, port=port, workers=workers,
+                access_log=access_log, log_level="info")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()

@@ -1,0 +1,277 @@
+"""Request and response models of the HTTP API.
+
+The request limits (text length, batch size) and strict mode are settings, and they belong in the OpenAPI schema so
+that ``/docs`` and generated clients know them; the request models are therefore built per application by
+:func:`build_request_models`. Response models are fixed and shared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+from sanshi_ml.suggest import STATUS_OK, text_status
+
+TITLE_MAX_CHARS = 1_000
+ID_MAX_CHARS = 128
+LABEL_MAX_CHARS = 100
+MAX_TARGETS = 32
+
+EXAMPLE_TITLE = "小区电梯坏了一个多月没人修"
+EXAMPLE_TEXT = "A3区青青家园小区5栋的电梯坏了一个多月，物业一直说在等配件，老人上下楼非常困难，请尽快督促维修。"
+
+# What each text_status means, for the error message a client sees.
+TEXT_PROBLEMS = {
+    "empty_text": "text is empty or only whitespace",
+    "not_text": "text must be a string",
+    "too_long": "text is longer than {limit} characters",
+    "undecodable": "text holds undecodable characters (U+FFFD or lone surrogates); send it as valid UTF-8",
+}
+
+
+class TextProblem(ValueError):
+    """A text that cannot be scored; ``kind`` is the text_status code."""
+
+    def __init__(self, kind: str, limit: int) -> None:
+        self.kind = kind
+        super().__init__(TEXT_PROBLEMS[kind].format(limit=limit))
+
+
+def check_text(value: str, max_chars: int) -> str:
+    """The one rule for texts, shared with batch scoring through ``text_status``; lone surrogates count as
+    undecodable because nothing downstream (OpenCC, the database, JSON encoders) can handle them."""
+    status = text_status(value, max_chars)
+    if status == STATUS_OK:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            status = "undecodable"
+    if status != STATUS_OK:
+        raise TextProblem(status, max_chars)
+    return value
+
+
+def check_optional_text(value: str | None) -> str | None:
+    """Titles, ids and labels: may be empty, but must be encodable."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("holds lone surrogates; send it as valid UTF-8") from None
+    return value
+
+
+# ------------------------------------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    """The request models of one application (their limits come from its settings)."""
+
+    SuggestRequest: type[BaseModel]
+    BatchRequest: type[BaseModel]
+    FeedbackRequest: type[BaseModel]
+    SuggestedLabel: type[BaseModel]
+
+
+def build_request_models(max_text_chars: int, max_batch: int, strict: bool) -> RequestModels:
+    """Request models with this server's limits; ``strict`` rejects unknown fields instead of ignoring them."""
+    config = ConfigDict(extra="forbid" if strict else "ignore", str_max_length=max(max_text_chars, TITLE_MAX_CHARS))
+
+    def text_field(description: str, example: str):
+        return Field(min_length=1, max_length=max_text_chars, description=description, examples=[example])
+
+    class _Base(BaseModel):
+        model_config = config
+
+    class SuggestRequest(_Base):
+        """One request as a clerk typed it."""
+
+        model_config = ConfigDict(**config, json_schema_extra={"examples": [
+            {"id": "D2024000123", "title": EXAMPLE_TITLE, "text": EXAMPLE_TEXT}]})
+
+        text: str = text_field(f"the request's text (诉求内容), 1 to {max_text_chars} characters", EXAMPLE_TEXT)
+        title: str | None = Field(None, max_length=TITLE_MAX_CHARS, description="the request's title (标题)",
+                                  examples=[EXAMPLE_TITLE])
+        id: str | None = Field(None, max_length=ID_MAX_CHARS, description="the record's id (工单编号), echoed back",
+                               examples=["D2024000123"])
+
+        @field_validator("text")
+        @classmethod
+        def _text(cls, value: str) -> str:
+            return check_text(value, max_text_chars)
+
+        @field_validator("title", "id")
+        @classmethod
+        def _encodable(cls, value: str | None) -> str | None:
+            return check_optional_text(value)
+
+    class BatchRequest(_Base):
+        """Several requests in one call, answered in the same order."""
+
+        model_config = ConfigDict(**config, json_schema_extra={"examples": [{"records": [
+            {"id": "D1", "title": EXAMPLE_TITLE, "text": EXAMPLE_TEXT},
+            {"id": "D2", "text": "楼上邻居每天深夜拖动家具，噪音太大，沟通无果"}]}]})
+
+        records: list[SuggestRequest] = Field(min_length=1, max_length=max_batch,
+                                              description=f"1 to {max_batch} records")
+
+    class SuggestedLabel(_Base):
+        label: str = Field(min_length=1, max_length=LABEL_MAX_CHARS)
+        confidence: float | None = Field(None, ge=0, le=1)
+
+        @field_validator("label")
+        @classmethod
+        def _encodable(cls, value: str) -> str:
+            return check_optional_text(value)
+
+    class FeedbackRequest(_Base):
+        """The clerk's answer to a suggestion: the labels accepted or corrected, with the request they belong to."""
+
+        model_config = ConfigDict(**config, json_schema_extra={"examples": [{
+            "id": "D2024000123", "title": EXAMPLE_TITLE, "text": EXAMPLE_TEXT, "model_version": "0a1b2c3d4e5f",
+            "suggestion": {"category": {"label": "城乡建设", "confidence": 0.91},
+                           "sanshi": {"label": "共事", "confidence": 0.88}},
+            "labels": {"category": "城乡建设", "sanshi": "共事", "unit": "住房和城乡建设局", "appeal": "投诉"},
+            "clerk": "clerk-07"}]})
+
+        text: str = text_field("the request's text, as it was suggested on", EXAMPLE_TEXT)
+        title: str | None = Field(None, max_length=TITLE_MAX_CHARS, examples=[EXAMPLE_TITLE])
+        id: str | None = Field(None, max_length=ID_MAX_CHARS, description="the record's id (工单编号)")
+        received_at: datetime | None = Field(None, description="when the request was received (受理时间); "
+                                                               "default: when the feedback arrives")
+        model_version: str = Field(min_length=1, max_length=64, description="model_version of the suggestion")
+        suggestion: dict[str, SuggestedLabel] = Field(
+            default_factory=dict, max_length=MAX_TARGETS, description="what the model suggested, per target (from /v1/suggest)")
+        labels: dict[str, str] = Field(min_length=1, max_length=MAX_TARGETS, description="the clerk's final label per target; "
+                                                                 "targets left out stay unlabelled")
+        clerk: str | None = Field(None, max_length=64, description="who answered (an id, not a name)")
+
+        @field_validator("text")
+        @classmethod
+        def _text(cls, value: str) -> str:
+            return check_text(value, max_text_chars)
+
+        @field_validator("labels")
+        @classmethod
+        def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+            for target, label in value.items():
+                check_optional_text(target)
+                check_optional_text(label)
+                if not label.strip():
+                    raise ValueError(f"label for '{target}' is empty")
+                if len(label) > LABEL_MAX_CHARS:
+                    raise ValueError(f"label for '{target}' is longer than {LABEL_MAX_CHARS} characters")
+            return value
+
+        @field_validator("title", "id", "model_version", "clerk")
+        @classmethod
+        def _encodable(cls, value: str | None) -> str | None:
+            return check_optional_text(value)
+
+    for model in (SuggestRequest, BatchRequest, SuggestedLabel, FeedbackRequest):
+        model.model_rebuild()
+    return RequestModels(SuggestRequest, BatchRequest, FeedbackRequest, SuggestedLabel)
+
+
+# ------------------------------------------------------------------------------------------------------ responses
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LabelProbability(_Out):
+    label: str
+    probability: float = Field(ge=0, le=1)
+
+
+class SanshiInfo(_Out):
+    """The 三事 class's handling, from the 三事分流责任清单."""
+
+    colour: str = Field(examples=["orange"])
+    colour_hex: str = Field(examples=["#f08c00"])
+    handling_mode: str = Field(examples=["议事会 一事一议"])
+    handled_by: str
+    time_limit_days: int
+
+
+class FieldSuggestion(_Out):
+    label: str = Field(description="the suggested label", examples=["共事"])
+    confidence: float = Field(ge=0, le=1, description="calibrated probability of the suggested label")
+    threshold: float = Field(description="confidence below which a person must review (above 1: always)")
+    needs_review: bool
+    review_reasons: list[Literal["low_confidence", "policy_conflict"]]
+    top_k: list[LabelProbability]
+    reasons: list[str] = Field(description="the words that pushed most towards the label")
+    sanshi: SanshiInfo | None = Field(None, description="only on the 三事 target")
+
+
+class Suggestion(_Out):
+    id: str | None = Field(None, description="the record's id, as sent")
+    model_version: str
+    needs_review: bool = Field(description="true if any field needs review")
+    policy_conflict: bool = Field(description="the 三事 class and the unit contradict the 责任清单")
+    fields: dict[str, FieldSuggestion] = Field(description="one suggestion per target")
+
+
+class BatchResponse(_Out):
+    model_version: str
+    suggestions: list[Suggestion]
+
+
+class TargetInfo(_Out):
+    column: str | None = Field(description="the data column holding this target (e.g. 一级分类)")
+    labels: list[str]
+    threshold: float
+    n_train: int
+    metrics: dict[str, float | None] = Field(default_factory=dict)
+
+
+class ModelInfo(_Out):
+    name: str
+    version: str = Field(description="first 12 hex digits of the artifact's sha256")
+    source: str
+    created_at: str | None
+    git_commit: str | None
+    data_sha256: str | None
+    n_train: int | None
+    targets: dict[str, TargetInfo]
+    sanshi_target: str | None
+    sanshi_classes: dict[str, SanshiInfo]
+    policy: dict[str, Any]
+    columns: dict[str, Any]
+    limits: dict[str, int]
+
+
+class FeedbackStored(_Out):
+    feedback_id: int
+    stored_at: datetime
+    model_version: str
+    accepted: list[str] = Field(description="targets where the clerk kept the suggested label")
+    corrected: list[str] = Field(description="targets where the clerk chose another label")
+
+
+class Health(_Out):
+    status: Literal["ok"]
+
+
+class Readiness(_Out):
+    status: Literal["ready", "loading", "failed"]
+    model_version: str | None = None
+    error: str | None = None
+
+
+class ErrorItem(_Out):
+    field: str = Field(description="where the problem is: 'text', 'records.3.text', 'body', 'X-API-Key', …")
+    type: str
+    message: str
+
+
+class ErrorBody(_Out):
+    error: str = Field(description="a short code: validation_error, invalid_json, unauthorized, not_ready, …")
+    message: str
+    detail: list[ErrorItem] = Field(default_factory=list)

@@ -1,0 +1,455 @@
+"""The intake server through its HTTP API (`with TestClient(app)`), on a model trained on the demo data."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from sanshi_ml.artifacts import load_model
+from sanshi_ml.suggest import Suggester
+from serve.app import create_app
+from tests.conftest import DEMO_CSV
+from tests.system.serve_support import API_KEY, make_settings, wait_ready
+
+KEY = {"X-API-Key": API_KEY}
+TITLE = "小区电梯坏了一个多月没人修"
+TEXT = "A3区青青家园小区5栋的电梯坏了一个多月，物业一直说在等配件，老人上下楼非常困难。"
+PHONE, ID_NUMBER, EMAIL = "13812345678", "430102199001011234", "zhang.san@example.com"
+
+
+@pytest.fixture(scope="module")
+def served(demo_model_dir, tmp_path_factory):
+    """One running app for the module (strict mode, suggestions open, feedback keyed)."""
+    db = tmp_path_factory.mktemp("serve_api") / "feedback.db"
+    app = create_app(make_settings(demo_model_dir, f"sqlite:///{db}"))
+    with TestClient(app) as client:
+        wait_ready(client)
+        yield client
+
+
+@pytest.fixture(scope="module")
+def suggester(demo_model_dir) -> Suggester:
+    return Suggester.from_loaded(load_model(demo_model_dir))
+
+
+def assert_error(response, status: int, field: str, kind: str | None = None, secret: str | None = None) -> dict:
+    """A JSON error body naming ``field``; never a traceback, never the submitted text."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error", "message", "detail"}
+    fields = [item["field"] for item in body["detail"]]
+    assert field in fields, body
+    if kind is not None:
+        assert kind in [item["type"] for item in body["detail"]], body
+    assert field in body["message"]
+    assert "Traceback" not in response.text
+    if secret is not None:
+        assert secret not in response.text
+    return body
+
+
+# ------------------------------------------------------------------------------------------------ probes and info
+
+
+def test_health_answers_and_ready_names_the_model_version(served, demo_model_dir):
+    assert served.get("/health").json() == {"status": "ok"}
+    version = json.loads((demo_model_dir / "metadata.json").read_text(encoding="utf-8"))["artifact"]["sha256"][:12]
+    assert served.get("/ready").json() == {"status": "ready", "model_version": version}
+
+
+def test_ready_is_503_until_the_model_is_loaded(demo_model_dir, tmp_path):
+    app = create_app(make_settings(demo_model_dir, f"sqlite:///{tmp_path / 'f.db'}"))
+    state = app.state.sanshi
+    release = threading.Event()
+    real_load = state.load_model
+
+    def held_load() -> None:  # the real loader, started only when the test says so
+        assert release.wait(30)
+        real_load()
+
+    state.load_model = held_load
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 200
+        not_yet = client.get("/ready")
+        assert not_yet.status_code == 503 and not_yet.json()["status"] == "loading"
+        assert_error(client.post("/v1/suggest", json={"text": TEXT}), 503, "model", "not_ready")
+        assert_error(client.get("/v1/model"), 503, "model")
+        release.set()
+        assert wait_ready(client)["status"] == "ready"
+        assert client.post("/v1/suggest", json={"text": TEXT}).status_code == 200
+
+
+def test_a_model_that_cannot_load_is_reported_by_ready(tmp_path):
+    app = create_app(make_settings(tmp_path / "no-such-model", f"sqlite:///{tmp_path / 'f.db'}"))
+    with TestClient(app) as client:
+        for _ in range(200):
+            body = client.get("/ready").json()
+            if body["status"] != "loading":
+                break
+            threading.Event().wait(0.02)
+        assert body["status"] == "failed" and "no-such-model" in body["error"]
+        assert client.get("/ready").status_code == 503
+        assert_error(client.post("/v1/suggest", json={"text": TEXT}), 503, "model")
+
+
+def test_model_info_describes_targets_labels_thresholds_and_provenance(served, demo_model_dir):
+    meta = json.loads((demo_model_dir / "metadata.json").read_text(encoding="utf-8"))
+    info = served.get("/v1/model").json()
+    assert info["version"] == meta["artifact"]["sha256"][:12]
+    assert info["name"] == demo_model_dir.name
+    assert info["created_at"] == meta["created_at"]
+    assert info["data_sha256"] == meta["data"]["sha256"]
+    assert set(info["targets"]) == set(meta["targets"])
+    for target, described in meta["targets"].items():
+        assert info["targets"][target]["labels"] == described["labels"]
+        assert info["targets"][target]["threshold"] == pytest.approx(described["threshold"])
+        assert info["targets"][target]["column"] == meta["columns"]["targets"][target]
+        assert info["targets"][target]["metrics"]["macro_f1"] == pytest.approx(meta["metrics"][target]["macro_f1"])
+    assert info["sanshi_target"] == "sanshi"
+    assert {c["colour"] for c in info["sanshi_classes"].values()} == {"red", "orange", "yellow"}
+    assert info["limits"] == {"max_text_chars": 20_000, "max_batch": 256, "top_k": 3}
+
+
+# ---------------------------------------------------------------------------------------------------- suggestions
+
+
+def test_suggest_gives_every_target_with_confidence_review_flag_and_reasons(served):
+    response = served.post("/v1/suggest", json={"id": "D1", "title": TITLE, "text": TEXT})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["id"] == "D1"
+    assert set(body["fields"]) == {"category", "sanshi", "unit", "appeal"}
+    for field in body["fields"].values():
+        assert field["label"] == field["top_k"][0]["label"]
+        assert field["confidence"] == pytest.approx(field["top_k"][0]["probability"])
+        assert len(field["top_k"]) == 3
+        assert field["needs_review"] == bool(field["review_reasons"])
+        assert ("low_confidence" in field["review_reasons"]) == (field["confidence"] < field["threshold"])
+    sanshi = body["fields"]["sanshi"]
+    assert sanshi["label"] == "共事"  # an estate's broken lift is a shared affair of the compound
+    assert sanshi["sanshi"]["colour"] == "orange" and sanshi["sanshi"]["time_limit_days"] > 0
+    assert "电梯" in sanshi["reasons"]
+    assert body["needs_review"] == any(f["needs_review"] for f in body["fields"].values())
+
+
+def test_suggest_is_the_same_answer_as_the_suggester_and_batch_scoring(served, suggester):
+    expected = suggester.suggest([(TITLE, TEXT)], top_k=3)[0]
+    body = served.post("/v1/suggest", json={"title": TITLE, "text": TEXT}).json()
+    assert body == {"id": None, **expected}
+    frame = suggester.score_frame([f"{TITLE}\n{TEXT}"])
+    for target, field in body["fields"].items():
+        assert frame[target][0] == field["label"]
+        assert float(frame[f"{target}_confidence"][0]) == pytest.approx(field["confidence"], rel=1e-6)
+
+
+def test_top_k_can_be_asked_for(served):
+    body = served.post("/v1/suggest?top_k=1", json={"text": TEXT}).json()
+    assert all(len(f["top_k"]) == 1 for f in body["fields"].values())
+    assert_error(served.post("/v1/suggest?top_k=0", json={"text": TEXT}), 422, "top_k")
+    assert_error(served.post("/v1/suggest?top_k=abc", json={"text": TEXT}), 422, "top_k")
+
+
+def test_batch_answers_in_order_and_matches_single_requests(served):
+    texts = ["楼上邻居每天深夜拖动家具，噪音太大，沟通无果", TEXT, "建议周末延长地铁末班车时间到十一点半",
+             "公司拖欠三个月工资不发，老板联系不上"]
+    records = [{"id": f"R{i}", "text": t} for i, t in enumerate(texts)]
+    body = served.post("/v1/suggest/batch", json={"records": records}).json()
+    assert [s["id"] for s in body["suggestions"]] == ["R0", "R1", "R2", "R3"]
+    for record, suggestion in zip(records, body["suggestions"]):
+        assert served.post("/v1/suggest", json=record).json() == suggestion
+    assert body["model_version"] == body["suggestions"][0]["model_version"]
+
+
+def test_concurrent_requests_get_the_answers_they_would_get_alone(served):
+    texts = [f"第{i}号楼{word}" for i, word in enumerate(
+        ["电梯坏了物业不修", "楼上噪音扰民", "路灯不亮", "拖欠工资", "垃圾没人清运", "小区停车位被占"] * 3)]
+    alone = {t: served.post("/v1/suggest", json={"text": t}).json() for t in texts}
+    answers: dict[str, dict] = {}
+
+    def ask(text: str) -> None:
+        answers[text] = served.post("/v1/suggest", json={"text": text}).json()
+
+    threads = [threading.Thread(target=ask, args=(t,)) for t in texts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers == alone
+
+
+# --------------------------------------------------------------------------------------------------- bad input
+
+
+LONG = "长" * 20_001
+
+BAD_SUGGEST = [
+    pytest.param(b'{"text": ""}', 422, "text", "string_too_short", id="empty-text"),
+    pytest.param('{"text": " \\n\\t\u3000 "}'.encode(), 422, "text", "empty_text", id="whitespace-text"),
+    pytest.param(json.dumps({"text": LONG}).encode(), 422, "text", "string_too_long", id="too-long"),
+    pytest.param(b'{"text": "abc",', 400, "body", "invalid_json", id="invalid-json"),
+    pytest.param(b'{"text": 12}', 422, "text", "string_type", id="text-not-a-string"),
+    pytest.param(b'{"text": "abc", "title": ["x"]}', 422, "title", "string_type", id="title-wrong-type"),
+    pytest.param(b'{"text": "abc", "colour": "red"}', 422, "colour", "unknown_field", id="unknown-field-strict"),
+    pytest.param(b'{"title": "abc"}', 422, "text", "missing", id="missing-text"),
+    pytest.param(b'{"text": "\xe7\x94\xb5\xff\xfe"}', 400, "body", "invalid_utf8", id="invalid-utf8"),
+    pytest.param('{"text": "电梯\ufffd坏了"}'.encode(), 422, "text", "undecodable", id="replacement-char"),
+    pytest.param(b'{"text": "\\ud800 lone surrogate"}', 422, "text", None, id="lone-surrogate"),
+    pytest.param(b"", 422, "body", "missing", id="no-body"),
+    pytest.param(b'["a list"]', 422, "body", None, id="not-an-object"),
+    pytest.param(b"null", 422, "body", None, id="json-null"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "field", "kind"), BAD_SUGGEST)
+def test_bad_single_requests_get_a_4xx_naming_the_field(served, body, status, field, kind):
+    response = served.post("/v1/suggest", content=body, headers={"Content-Type": "application/json"})
+    assert_error(response, status, field, kind)
+
+
+BAD_BATCH = [
+    pytest.param({"records": [{"text": "a"}] * 257}, "records", "too_long", id="batch-over-256"),
+    pytest.param({"records": []}, "records", "too_short", id="empty-batch"),
+    pytest.param({"records": [{"text": "ok"}, {"text": "   "}]}, "records.1.text", "empty_text", id="one-blank"),
+    pytest.param({"records": [{"text": "ok"}, {"text": LONG}]}, "records.1.text", "string_too_long", id="one-long"),
+    pytest.param({"records": "x"}, "records", "list_type", id="records-not-a-list"),
+    pytest.param({"records": [{"text": "a", "extra": 1}]}, "records.0.extra", "unknown_field", id="unknown-nested"),
+]
+
+
+@pytest.mark.parametrize(("payload", "field", "kind"), BAD_BATCH)
+def test_bad_batches_get_a_422_naming_the_field(served, payload, field, kind):
+    assert_error(served.post("/v1/suggest/batch", json=payload), 422, field, kind)
+
+
+def test_text_at_the_limit_is_accepted(served):
+    assert served.post("/v1/suggest", json={"text": "电梯坏了" * 5_000}).status_code == 200
+
+
+def test_a_body_over_the_byte_limit_gets_413(demo_model_dir, tmp_path):
+    app = create_app(make_settings(demo_model_dir, f"sqlite:///{tmp_path / 'f.db'}", max_body_bytes=2_000))
+    with TestClient(app) as client:
+        wait_ready(client)
+        assert_error(client.post("/v1/suggest", json={"text": "电梯坏了" * 400}), 413, "body", "body_too_large")
+
+
+def test_lenient_mode_ignores_unknown_fields(demo_model_dir, tmp_path):
+    app = create_app(make_settings(demo_model_dir, f"sqlite:///{tmp_path / 'f.db'}", strict=False))
+    with TestClient(app) as client:
+        wait_ready(client)
+        assert client.post("/v1/suggest", json={"text": TEXT, "colour": "red"}).status_code == 200
+        assert_error(client.post("/v1/suggest", json={"text": "  "}), 422, "text", "empty_text")
+
+
+def test_unknown_paths_and_methods_get_json_errors(served):
+    assert_error(served.get("/v2/nothing"), 404, "path", "not_found")
+    assert_error(served.delete("/v1/suggest"), 405, "method", "method_not_allowed")
+
+
+def test_validation_errors_do_not_echo_the_text(served):
+    secret = f"我的电话{PHONE}"
+    assert_error(served.post("/v1/suggest", json={"text": secret, "tel": secret}), 422, "tel", secret=PHONE)
+
+
+# ----------------------------------------------------------------------------------------------------------- auth
+
+
+def feedback_body(**overrides) -> dict:
+    body = {"id": "D9", "title": TITLE, "text": TEXT, "model_version": "abc123",
+            "suggestion": {"sanshi": {"label": "共事", "confidence": 0.9}, "unit": {"label": "住房和城乡建设局"}},
+            "labels": {"sanshi": "共事", "unit": "社区居委会/村委会", "category": "城乡建设", "appeal": "投诉"}}
+    return {**body, **overrides}
+
+
+def test_feedback_and_export_need_the_key(served):
+    assert_error(served.post("/v1/feedback", json=feedback_body()), 401, "X-API-Key", "unauthorized")
+    wrong = served.post("/v1/feedback", json=feedback_body(), headers={"X-API-Key": "nope"})
+    assert_error(wrong, 401, "X-API-Key")
+    assert "wrong API key" in wrong.json()["message"]
+    assert_error(served.get("/v1/feedback/export"), 401, "X-API-Key")
+    assert_error(served.get("/v1/feedback/export", headers={"X-API-Key": API_KEY + "x"}), 401, "X-API-Key")
+    assert served.post("/v1/feedback", json=feedback_body(), headers=KEY).status_code == 201
+    assert served.get("/v1/feedback/export", headers=KEY).status_code == 200
+
+
+def test_without_a_configured_key_keyed_endpoints_are_closed(demo_model_dir, tmp_path):
+    app = create_app(make_settings(demo_model_dir, f"sqlite:///{tmp_path / 'f.db'}", api_key=None))
+    with TestClient(app) as client:
+        wait_ready(client)
+        body = assert_error(client.post("/v1/feedback", json=feedback_body(), headers=KEY), 401, "X-API-Key")
+        assert "SANSHI_API_KEY" in body["message"]
+        assert client.post("/v1/suggest", json={"text": TEXT}).status_code == 200
+
+
+def test_closed_suggestions_need_the_key_too(demo_model_dir, tmp_path):
+    app = create_app(make_settings(demo_model_dir, f"sqlite:///{tmp_path / 'f.db'}", open_suggestions=False))
+    with TestClient(app) as client:
+        wait_ready(client)
+        assert_error(client.post("/v1/suggest", json={"text": TEXT}), 401, "X-API-Key")
+        assert_error(client.post("/v1/suggest/batch", json={"records": [{"text": TEXT}]}), 401, "X-API-Key")
+        assert client.post("/v1/suggest", json={"text": TEXT}, headers=KEY).status_code == 200
+        assert client.get("/health").status_code == 200
+
+
+# ------------------------------------------------------------------------------------------------------- feedback
+
+
+def test_feedback_reports_accepted_and_corrected_fields(served):
+    response = served.post("/v1/feedback", json=feedback_body(), headers=KEY)
+    assert response.status_code == 201
+    body = response.json()
+    assert body["corrected"] == ["appeal", "category", "unit"]  # no suggestion for two, another unit chosen
+    assert body["accepted"] == ["sanshi"]
+    assert body["model_version"] == "abc123" and body["feedback_id"] >= 1
+
+
+BAD_FEEDBACK = [
+    pytest.param({"labels": {"colour": "red"}}, "labels.colour", "unknown_target", id="unknown-target"),
+    pytest.param({"suggestion": {"colour": {"label": "red"}}}, "suggestion.colour", "unknown_target",
+                 id="unknown-suggested-target"),
+    pytest.param({"labels": {"sanshi": "  "}}, "labels", None, id="blank-label"),
+    pytest.param({"labels": {}}, "labels", "too_short", id="no-labels"),
+    pytest.param({"labels": {"sanshi": 3}}, "labels.sanshi", "string_type", id="label-not-a-string"),
+    pytest.param({"text": "\t "}, "text", "empty_text", id="blank-text"),
+    pytest.param({"model_version": ""}, "model_version", "string_too_short", id="no-model-version"),
+    pytest.param({"received_at": "yesterday"}, "received_at", None, id="bad-time"),
+    pytest.param({"suggestion": {"sanshi": {"label": "共事", "confidence": 1.5}}}, "suggestion.sanshi.confidence",
+                 "less_than_equal", id="confidence-over-1"),
+    pytest.param({"clerk": "x" * 65}, "clerk", "string_too_long", id="clerk-too-long"),
+]
+
+
+@pytest.mark.parametrize(("change", "field", "kind"), BAD_FEEDBACK)
+def test_bad_feedback_gets_a_422_naming_the_field(served, change, field, kind):
+    assert_error(served.post("/v1/feedback", json=feedback_body(**change), headers=KEY), 422, field, kind)
+
+
+def test_export_filters_are_validated(served):
+    assert_error(served.get("/v1/feedback/export?since=not-a-time", headers=KEY), 422, "since")
+
+
+def test_personal_data_is_masked_before_it_is_stored_or_logged(demo_model_dir, tmp_path, caplog):
+    app = create_app(make_settings(demo_model_dir, f"sqlite:///{tmp_path / 'f.db'}"))
+    full_width_phone = "１３９１２３４５６７８"
+    text = f"我叫张三，电话{PHONE}，身份证{ID_NUMBER}，邮箱{EMAIL}，备用电话{full_width_phone}，小区电梯坏了。"
+    with caplog.at_level(logging.DEBUG), TestClient(app) as client:
+        wait_ready(client)
+        stored = client.post("/v1/feedback", json=feedback_body(text=text, title=f"电梯坏了 {PHONE}",
+                                                                clerk=EMAIL), headers=KEY)
+        assert stored.status_code == 201
+        export = client.get("/v1/feedback/export", headers=KEY).content.decode("utf-8-sig")
+        rows = list(app.state.sanshi.store.rows())
+    assert len(rows) == 1
+    row = rows[0]
+    for secret in (PHONE, ID_NUMBER, EMAIL, full_width_phone, "13912345678"):
+        assert secret not in row.text + row.title + (row.clerk or "")
+        assert secret not in export
+        assert secret not in caplog.text
+    assert "PHONE" in row.text and "IDNUM" in row.text and "EMAIL" in row.text
+    assert row.text.startswith("我叫张三") and "小区电梯坏了" in row.text
+    assert row.clerk == "EMAIL"
+
+
+def test_export_is_a_csv_with_the_models_training_columns(served):
+    served.post("/v1/feedback", json=feedback_body(id="EXP-1", received_at="2024-03-05T08:30:00"), headers=KEY)
+    response = served.get("/v1/feedback/export", headers=KEY)
+    assert response.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(response.content.decode("utf-8-sig"))))
+    header = list(rows[0])
+    assert header[:8] == ["工单编号", "标题", "诉求内容", "受理时间", "一级分类", "三事", "承办单位", "诉求类型"]
+    mine = [r for r in rows if r["工单编号"] == "EXP-1"]
+    assert len(mine) == 1
+    assert mine[0]["承办单位"] == "社区居委会/村委会" and mine[0]["建议_承办单位"] == "住房和城乡建设局"
+    assert mine[0]["受理时间"] == "2024-03-05 08:30:00"
+    assert mine[0]["标题"] == TITLE and mine[0]["诉求内容"] == TEXT
+    only_other = served.get("/v1/feedback/export?model_version=nothing-like-this", headers=KEY)
+    assert list(csv.reader(io.StringIO(only_other.content.decode("utf-8-sig")))) == [header]
+
+
+@pytest.mark.slow
+def test_corrections_from_the_export_train_the_next_model(demo_model_dir, tmp_path, repo_params):
+    """Clerks correct suggestions; the export is appended to the demo data and `train` learns from both."""
+    from sanshi_ml.records import ColumnMap, load_records
+    from sanshi_ml.train import train
+
+    app = create_app(make_settings(demo_model_dir, f"sqlite:///{tmp_path / 'f.db'}"))
+    corrections = [
+        ("路灯坏了", "小区门口的路灯坏了半个月，晚上很黑", "城乡建设", "共事", "社区居委会/村委会", "求助"),
+        ("噪音", "楼下烧烤店每天营业到凌晨两点，油烟和噪音扰民", "环境保护", "公事", "生态环境局", "投诉"),
+        ("工资", "公司拖欠我三个月工资，电话13800001111", "劳动和社会保障", "公事", "人力资源和社会保障局", "求助"),
+        ("邻里", "邻居在楼道堆放杂物，多次沟通无果", "城乡建设", "家事", "网格/人民调解", "投诉"),
+    ]
+    with TestClient(app) as client:
+        wait_ready(client)
+        for number, (title, text, category, sanshi, unit, appeal) in enumerate(corrections):
+            suggestion = client.post("/v1/suggest", json={"title": title, "text": text}).json()
+            labels = {"category": category, "sanshi": sanshi, "unit": unit, "appeal": appeal}
+            response = client.post("/v1/feedback", headers=KEY, json={
+                "id": f"FB-{number}", "title": title, "text": text, "model_version": suggestion["model_version"],
+                "suggestion": {t: {"label": f["label"], "confidence": f["confidence"]}
+                               for t, f in suggestion["fields"].items()},
+                "labels": labels})
+            assert response.status_code == 201
+        export = tmp_path / "feedback.csv"
+        export.write_bytes(client.get("/v1/feedback/export", headers=KEY).content)
+
+    columns = ColumnMap.from_config(repo_params.data.columns)
+    loaded = load_records(export, columns)
+    assert loaded.frame["id"].tolist() == [f"FB-{n}" for n in range(len(corrections))]
+    for target, index in (("category", 2), ("sanshi", 3), ("unit", 4), ("appeal", 5)):
+        assert loaded.frame[target].tolist() == [c[index] for c in corrections]
+    assert "PHONE" in loaded.frame["text"][2] and "13800001111" not in export.read_text(encoding="utf-8-sig")
+
+    result = train([DEMO_CSV, export], repo_params, model_dir=tmp_path / "retrained", progress=lambda _m: None,
+                   track=False)
+    demo_rows = len(load_records(DEMO_CSV, columns).frame) + len(load_records(DEMO_CSV, columns).report.empty_text_ids)
+    assert result.records.report.rows_read == demo_rows + len(corrections)
+    assert result.metadata["data"]["sources"] == [str(DEMO_CSV), str(export)]
+    assert set(result.model.targets) == {"category", "sanshi", "unit", "appeal"}
+
+
+# ----------------------------------------------------------------------------------------------- page and schema
+
+
+def test_the_clerk_page_and_its_assets_are_served(served):
+    page = served.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "诉求内容" in page.text and "/static/app.js" in page.text
+    assert served.get("/static/app.js").status_code == 200
+    assert served.get("/static/style.css").status_code == 200
+
+
+def test_openapi_documents_limits_examples_and_errors(served):
+    schema = served.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    assert components["SuggestRequest"]["properties"]["text"]["maxLength"] == 20_000
+    assert components["SuggestRequest"]["additionalProperties"] is False
+    assert components["BatchRequest"]["properties"]["records"]["maxItems"] == 256
+    assert components["SuggestRequest"]["examples"]
+    suggest = schema["paths"]["/v1/suggest"]["post"]["responses"]
+    assert {"200", "400", "422", "503"} <= set(suggest)
+    assert "401" in schema["paths"]["/v1/feedback"]["post"]["responses"]
+    assert schema["components"]["securitySchemes"]["APIKeyHeader"]["name"] == "X-API-Key"
+    assert served.get("/docs").status_code == 200
+
+
+def test_settings_come_from_the_environment(monkeypatch, tmp_path):
+    from serve.settings import Settings
+
+    monkeypatch.setenv("SANSHI_MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("SANSHI_MAX_BATCH", "8")
+    monkeypatch.setenv("SANSHI_OPEN_SUGGESTIONS", "false")
+    monkeypatch.setenv("SANSHI_API_KEY", "s3cret")
+    settings = Settings()
+    assert settings.model_dir == Path(tmp_path) and settings.max_batch == 8 and not settings.open_suggestions
+    assert "s3cret" not in repr(settings)
+    app = create_app(settings)
+    schema = app.openapi()
+    assert schema["components"]["schemas"]["BatchRequest"]["properties"]["records"]["maxItems"] == 8
