@@ -8,10 +8,13 @@ from 0.909 to 0.924 (see benchmarks/quality.py).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
+from itertools import chain, repeat
 
 import numpy as np
+import pandas as pd
+import scipy.sparse as sp
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.pipeline import FeatureUnion
 
@@ -51,3 +54,244 @@ def build_vectorizer(cfg: FeaturesConfig) -> FeatureUnion:
 def feature_names(vectorizer: FeatureUnion) -> list[str]:
     """Names of the fitted features, prefixed by their part (``word__物业 公司``, ``char__物``)."""
     return list(vectorizer.get_feature_names_out())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Fast transform for scoring
+
+_DROPPED, _SPACED = 1, 2
+
+
+class FastTfidf:
+    """The ``transform`` of a fitted :func:`build_vectorizer` union, array at a time, with the same output.
+
+    sklearn's transform runs a Python dict update for every n-gram of every text, which dominates batch scoring.
+    Here each token is looked up once in a table of the tokens seen so far (its unigram column, its id for word
+    n-grams, its character-n-gram columns and, given the segmenter's ``keep`` test, whether the segmenter's filter
+    drops it, so raw segmenter output can be passed without a separate filtering pass); word n-grams are found by
+    integer keys in a hash index; the (row, column) pairs are counted with one numpy sort. The counts are then weighted with the vectorisers' own ``idf_``
+    and normalised by sklearn's own ``normalize``, in sklearn's order, so the matrix equals ``union.transform``
+    bit for bit (tests/code/test_features.py checks it). The object is built lazily and never pickled.
+    """
+
+    TOKEN_TABLE_LIMIT = 300_000  # distinct tokens remembered between batches; the table restarts beyond this
+
+    def __init__(self, parts: list[tuple[str, int, TfidfVectorizer]], dtype,
+                 keep: Callable[[str], bool] | None = None) -> None:
+        self._parts = parts
+        self.dtype = dtype
+        self._keep = keep
+        self.keep_owner: object = None  # the segmenter whose keep test this is (set by the model)
+        self._word: dict | None = None
+        self._char: tuple[dict[str, int], int] | None = None
+        for kind, n_max, vectorizer in parts:
+            if kind == "word":
+                self._word = self._index_words(vectorizer.vocabulary_, n_max)
+            else:
+                self._char = (vectorizer.vocabulary_, n_max)
+        self._reset_table()
+
+    @classmethod
+    def from_union(cls, union: FeatureUnion, keep: Callable[[str], bool] | None = None) -> FastTfidf | None:
+        """A fast transform for ``union``, or None when it is not a union this class reproduces exactly.
+
+        ``keep`` is the segmenter's token test (:meth:`sanshi_ml.text.Segmenter.keeps`), for ``transform(raw=True)``.
+        """
+        if not isinstance(union, FeatureUnion) or union.transformer_weights:
+            return None
+        parts = []
+        for _name, vectorizer in union.transformer_list:
+            if not isinstance(vectorizer, TfidfVectorizer) or not hasattr(vectorizer, "idf_"):
+                return None
+            analyzer = vectorizer.analyzer
+            if not isinstance(analyzer, partial) or analyzer.args or set(analyzer.keywords) - {"n_max"}:
+                return None
+            kind = {word_ngrams: "word", char_ngrams: "char"}.get(analyzer.func)
+            if kind is None or vectorizer.norm != "l2" or vectorizer.binary or not vectorizer.use_idf:
+                return None
+            parts.append((kind, analyzer.keywords.get("n_max", 2), vectorizer))
+        kinds = [kind for kind, _, _ in parts]
+        if not parts or kinds.count("word") > 1 or kinds.count("char") > 1:
+            return None
+        if len({vectorizer.dtype for _, _, vectorizer in parts}) != 1:
+            return None
+        fast = cls(parts, parts[0][2].dtype, keep)
+        if "word" in kinds and fast._word is None:
+            return None
+        return fast
+
+    @staticmethod
+    def _index_words(vocabulary: dict[str, int], n_max: int) -> dict | None:
+        """Token ids for every part of every word n-gram, and the n-grams (2 and up) as integer keys."""
+        tokens: dict[str, int] = {}
+        by_length: dict[int, tuple[list[list[int]], list[int]]] = {}
+        for gram, column in vocabulary.items():
+            ids = [tokens.setdefault(part, len(tokens)) for part in gram.split(" ")]
+            keys, columns = by_length.setdefault(len(ids), ([], []))
+            keys.append(ids)
+            columns.append(column)
+        n_tokens = max(len(tokens), 1)
+        longest = max(by_length, default=1)
+        if longest > n_max or n_tokens ** longest >= 2 ** 62:
+            return None  # tokens with spaces in the vocabulary, or keys too large for int64: use sklearn's path
+        unigram = np.full(n_tokens, -1, dtype=np.int64)
+        grams = {}
+        for length, (ids, columns) in by_length.items():
+            ids_arr = np.asarray(ids, dtype=np.int64).reshape(len(ids), length)
+            cols = np.asarray(columns, dtype=np.int64)
+            if length == 1:
+                unigram[ids_arr[:, 0]] = cols
+                continue
+            key = np.zeros(len(ids_arr), dtype=np.int64)
+            for position in range(length):
+                key = key * n_tokens + ids_arr[:, position]
+            grams[length] = (pd.Index(key), cols)
+        return {"tokens": tokens, "n_tokens": n_tokens, "unigram": unigram, "grams": grams}
+
+    # ------------------------------------------------------------------------------------------------ token table
+
+    def _reset_table(self) -> None:
+        self._table: dict[str, int] = {}
+        self._word_id = np.empty(1024, dtype=np.int64)  # id in the word n-gram index, -1 if in no word n-gram
+        self._flags = np.empty(1024, dtype=np.int8)  # DROPPED: the segmenter's filter drops it; SPACED: has a space
+        self._char_start = np.empty(1024, dtype=np.int64)  # this token's character columns in _char_cols
+        self._char_len = np.empty(1024, dtype=np.int64)
+        self._char_cols = np.empty(4096, dtype=np.int64)
+        self._char_used = 0
+
+    def _register(self, tokens: list[str]) -> None:
+        """Add new tokens to the table: their word id and their character-feature columns."""
+        start = len(self._table)
+        needed = start + len(tokens)
+        if needed > len(self._word_id):
+            size = max(needed, 2 * len(self._word_id))
+            for name in ("_word_id", "_char_start", "_char_len", "_flags"):
+                grown = np.empty(size, dtype=getattr(self, name).dtype)
+                grown[:start] = getattr(self, name)[:start]
+                setattr(self, name, grown)
+        word_tokens = self._word["tokens"] if self._word else {}
+        char_columns: list[int] = []
+        for offset, token in enumerate(tokens):
+            gid = start + offset
+            self._table[token] = gid
+            self._word_id[gid] = word_tokens.get(token, -1)
+            self._flags[gid] = (_DROPPED if self._keep is not None and not self._keep(token) else 0) | (
+                _SPACED if " " in token else 0)
+            found = 0
+            if self._char is not None:
+                vocabulary, n_max = self._char
+                for gram in char_ngrams((token,), n_max):
+                    column = vocabulary.get(gram)
+                    if column is not None:
+                        char_columns.append(column)
+                        found += 1
+            self._char_start[gid] = self._char_used + len(char_columns) - found
+            self._char_len[gid] = found
+        if char_columns:
+            end = self._char_used + len(char_columns)
+            if end > len(self._char_cols):
+                grown = np.empty(max(end, 2 * len(self._char_cols)), dtype=np.int64)
+                grown[:self._char_used] = self._char_cols[:self._char_used]
+                self._char_cols = grown
+            self._char_cols[self._char_used:end] = char_columns
+            self._char_used = end
+
+    def _token_ids(self, flat: list[str]) -> np.ndarray:
+        if len(self._table) > self.TOKEN_TABLE_LIMIT:
+            self._reset_table()
+        table = self._table
+        gid = np.fromiter(map(table.get, flat, repeat(-1)), dtype=np.int64, count=len(flat))
+        missing = np.flatnonzero(gid < 0)
+        if len(missing):
+            self._register(list(dict.fromkeys(flat[i] for i in missing)))
+            gid[missing] = [table[flat[i]] for i in missing]
+        return gid
+
+    # ------------------------------------------------------------------------------------------------ transform
+
+    def transform(self, docs: Sequence[Sequence[str]], raw: bool = False) -> sp.csr_matrix | None:
+        """TF-IDF matrix of token lists, or None when a kept token holds a space (which this path cannot key).
+
+        ``raw=True``: the lists are the segmenter's raw output, and tokens its filter drops are left out here.
+        """
+        if raw and self._keep is None:
+            raise ValueError("raw tokens need the segmenter's keep test (FastTfidf.from_union(..., keep=...))")
+        n_docs = len(docs)
+        lengths = np.fromiter(map(len, docs), dtype=np.int64, count=n_docs)
+        flat = list(chain.from_iterable(docs))
+        gid = self._token_ids(flat)
+        doc_of = np.repeat(np.arange(n_docs, dtype=np.int64), lengths)
+        if raw:
+            kept = (self._flags[gid] & _DROPPED) == 0
+            gid, doc_of = gid[kept], doc_of[kept]
+        if self._word is not None and (self._flags[gid] & _SPACED).any():
+            return None
+        blocks = []
+        for kind, _n_max, vectorizer in self._parts:
+            if kind == "word":
+                rows, cols = self._word_entries(self._word_id[gid], doc_of)
+            else:
+                sizes = self._char_len[gid]
+                ends = np.cumsum(sizes)
+                gather = np.repeat(self._char_start[gid] - (ends - sizes), sizes)
+                gather += np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
+                cols = self._char_cols[gather]
+                rows = np.repeat(doc_of, sizes)
+            counts = _count_matrix(rows, cols, n_docs, len(vectorizer.vocabulary_), self.dtype)
+            blocks.append(_tfidf_weight(counts, vectorizer))
+        return blocks[0] if len(blocks) == 1 else sp.hstack(blocks).tocsr()
+
+    def _word_entries(self, word_id: np.ndarray, doc_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row, column) of every word n-gram in the vocabulary, n-grams never crossing a text boundary."""
+        index = self._word
+        known = word_id >= 0
+        unigram = index["unigram"][np.where(known, word_id, 0)]
+        hit = known & (unigram >= 0)
+        rows, cols = [doc_of[hit]], [unigram[hit]]
+        n_tokens = index["n_tokens"]
+        for length, (keys, columns) in index["grams"].items():
+            span = len(word_id) - length + 1
+            if span <= 0:
+                continue
+            valid = doc_of[:span] == doc_of[length - 1:]
+            key = np.zeros(span, dtype=np.int64)
+            for position in range(length):
+                valid &= known[position:position + span]
+                key = key * n_tokens + word_id[position:position + span]
+            where = np.flatnonzero(valid)
+            found = keys.get_indexer(key[where])
+            match = found >= 0
+            rows.append(doc_of[where[match]])
+            cols.append(columns[found[match]])
+        return np.concatenate(rows), np.concatenate(cols)
+
+
+def _count_matrix(rows: np.ndarray, cols: np.ndarray, n_rows: int, n_cols: int, dtype) -> sp.csr_matrix:
+    """Counts of (row, column) pairs as a CSR matrix with sorted indices, as CountVectorizer leaves them."""
+    key = rows * n_cols + cols
+    key.sort()
+    if len(key):
+        first = np.empty(len(key), dtype=bool)
+        first[0] = True
+        np.not_equal(key[1:], key[:-1], out=first[1:])
+        starts = np.flatnonzero(first)
+        counts = np.diff(np.append(starts, len(key))).astype(dtype)
+        key = key[starts]
+    else:
+        counts = np.empty(0, dtype=dtype)
+    row = key // n_cols
+    indptr = np.searchsorted(row, np.arange(n_rows + 1), side="left")
+    index_dtype = np.int32 if max(len(key), n_cols) < 2 ** 31 else np.int64
+    return sp.csr_matrix(((counts), (key - row * n_cols).astype(index_dtype), indptr.astype(index_dtype)),
+                         shape=(n_rows, n_cols))
+
+
+def _tfidf_weight(counts: sp.csr_matrix, vectorizer: TfidfVectorizer) -> sp.csr_matrix:
+    """TfidfTransformer.transform's steps, in its order: log-scaled tf, idf, row-wise L2 norm."""
+    from sklearn.preprocessing import normalize
+
+    if vectorizer.sublinear_tf:
+        np.log(counts.data, counts.data)
+        counts.data += 1.0
+    counts.data *= vectorizer.idf_[counts.indices]
+    return normalize(counts, norm="l2", copy=False)

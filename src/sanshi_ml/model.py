@@ -19,9 +19,9 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.svm import LinearSVC
 
 from sanshi_ml.config import FeaturesConfig, TextConfig, TrainConfig
-from sanshi_ml.features import build_vectorizer, feature_names
+from sanshi_ml.features import FastTfidf, build_vectorizer, feature_names
 from sanshi_ml.records import RecordSet, grouped_stratified_split
-from sanshi_ml.text import Segmenter, normalize
+from sanshi_ml.text import Segmenter, normalize, normalize_many
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,7 @@ class TriageModel:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_weights"] = {}  # rebuilt on demand; no need to store two copies of the coefficients
+        state.pop("_fast", None)  # the fast transform is rebuilt from the vectoriser on first use
         return state
 
     # ---------------------------------------------------------------------------------------------- text and features
@@ -137,12 +138,17 @@ class TriageModel:
         cfg = self.text_config
         return normalize(text, to_simplified=cfg.to_simplified, pii=cfg.mask_pii, lowercase=cfg.lowercase)
 
+    def normalize_many(self, texts: Sequence[str]) -> list[str]:
+        """:meth:`normalize` for a batch (same result per text, faster)."""
+        cfg = self.text_config
+        return normalize_many(texts, to_simplified=cfg.to_simplified, pii=cfg.mask_pii, lowercase=cfg.lowercase)
+
     def tokens(self, texts: Sequence[str]) -> list[list[str]]:
         """Raw texts (title and text already joined) to content words."""
-        return [self.segmenter.cut(self.normalize(text)) for text in texts]
+        return self.segmenter.cut_many(self.normalize_many(texts))
 
     def _segmented_tokens(self, texts: Sequence[str]) -> list[list[str]]:
-        return [self.segmenter.filter(self.normalize(text).split()) for text in texts]
+        return [self.segmenter.filter(text.split()) for text in self.normalize_many(texts)]
 
     def record_tokens(self, records: RecordSet) -> list[list[str]]:
         """Tokens of loaded records: a pre-segmented column is split on spaces, never segmented again."""
@@ -153,7 +159,29 @@ class TriageModel:
     def transform(self, texts: Sequence[str]) -> sp.csr_matrix:
         """TF-IDF features of raw texts."""
         self._require_fitted()
-        return self.vectorizer.transform(self.tokens(texts))
+        fast = self._fast_tfidf()
+        if not fast:
+            return self.vectorizer.transform(self.tokens(texts))
+        # The segmenter's raw tokens go straight to the fast path, which applies the filter's verdicts itself.
+        raw = self.segmenter.raw_cut_many(self.normalize_many(texts))
+        X = fast.transform(raw, raw=True)
+        return self.vectorizer.transform([self.segmenter.filter(t) for t in raw]) if X is None else X
+
+    def transform_tokens(self, tokens: list[list[str]]) -> sp.csr_matrix:
+        """TF-IDF features of token lists: FastTfidf's array path (the same matrix), else sklearn's transform."""
+        fast = self._fast_tfidf()
+        X = fast.transform(tokens) if fast else None
+        return self.vectorizer.transform(tokens) if X is None else X
+
+    def _fast_tfidf(self) -> FastTfidf | bool:
+        """The fast transform for this vectoriser and segmenter (built once; False if the union is not supported)."""
+        fast = self.__dict__.get("_fast")
+        if fast is None or (fast and fast.keep_owner is not self.segmenter):
+            fast = FastTfidf.from_union(self.vectorizer, keep=self.segmenter.keeps) or False
+            if fast:
+                fast.keep_owner = self.segmenter
+            self._fast = fast
+        return fast
 
     # ---------------------------------------------------------------------------------------------------- training
 
@@ -178,6 +206,7 @@ class TriageModel:
         tokens = self.record_tokens(records)
         say(f"segmented {len(tokens)} texts in {time.perf_counter() - started:.1f}s")
         self.vectorizer = build_vectorizer(self.features_config)
+        self.__dict__.pop("_fast", None)  # a fast transform belongs to the vectoriser it was built from
         X = self.vectorizer.fit_transform(tokens).tocsr()
         names = np.asarray(feature_names(self.vectorizer), dtype=object)
         is_word = np.char.startswith(names.astype(str), "word__")
@@ -245,7 +274,7 @@ class TriageModel:
     def predict_records(self, records: RecordSet) -> dict[str, TargetPredictions]:
         """Predictions for loaded records, tokenised the way their format requires."""
         self._require_fitted()
-        return self.predict_features(self.vectorizer.transform(self.record_tokens(records)))
+        return self.predict_features(self.transform_tokens(self.record_tokens(records)))
 
     def predict(self, texts: Sequence[str]) -> tuple[dict[str, TargetPredictions], sp.csr_matrix]:
         """Predictions for raw texts, and the feature matrix (reused for reason terms)."""

@@ -1,0 +1,129 @@
+"""The batch scoring hot path gives exactly what the plain per-text code gives.
+
+FastTfidf must equal the fitted sklearn union's transform bit for bit, normalize_many must equal normalize text for
+text, and the PII patterns (written to start with a literal for speed) must equal their plain forms.
+"""
+
+import random
+import re
+import unicodedata
+
+import numpy as np
+import pytest
+
+from sanshi_ml.config import FeaturesConfig
+from sanshi_ml.features import FastTfidf, build_vectorizer
+from sanshi_ml.text import _PII_PATTERNS, Segmenter, nfkc_many, normalize, normalize_many
+
+TEXTS = [
+    "A3区青青家园小区的电梯坏了一个多月，物业一直不修", "楼上邻居每天深夜拖动家具，噪音太大，沟通无果",
+    "社區電梯壞了，請儘快維修", "我的手机13800001234请回电，邮箱zhang.san+x@example.com.cn",
+    "ＡＢＣ１２３，小区　路灯<b>不亮</b>&nbsp;了", "车牌湘A12345停在消防通道，座机(010)62345678", "",
+    "建议周末延长地铁末班车时间", "咨询社保转移手续怎么办理", "小区停车位被外来车辆占用", "e\u0301\u0323 ﬁ ㎡ ①",
+    "未分配\u0378码位和\U000e0001标签", "Email me: PHONE idnum", "  \n\t ", "身份证430102199001011234",
+] * 3
+
+
+def _plain_pii() -> dict[str, re.Pattern[str]]:
+    """The PII patterns in their plain, slow form: (?<![0-9]) before the first character."""
+    return {
+        "id_card": re.compile(r"(?<![0-9])[1-9]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}"
+                              r"[0-9Xx](?![0-9])"),
+        "mobile": re.compile(r"(?<![0-9])(?:\+?86[- ]?)?1[3-9]\d(?:[- ]?\d{4}){2}(?![0-9])"),
+        "landline": re.compile(r"(?<![0-9])(?:\(0\d{2,3}\)|0\d{2,3})[- ]?[2-9]\d{6,7}(?:-\d{1,4})?(?![0-9])"),
+    }
+
+
+def test_pii_patterns_equal_their_plain_forms_on_random_digit_strings():
+    fast = dict(_PII_PATTERNS)
+    rng = random.Random(5)
+    alphabet = "0123456789012345678986861+- ()Xx号a"
+    for _ in range(20_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
+        for kind, plain in _plain_pii().items():
+            assert fast[kind].sub(" P ", text) == plain.sub(" P ", text), (kind, text)
+
+
+def test_normalize_many_equals_normalize_text_for_text():
+    assert normalize_many(TEXTS) == [normalize(text) for text in TEXTS]
+    assert normalize_many(TEXTS[:3]) == [normalize(text) for text in TEXTS[:3]]  # the short-batch path
+    options = {"to_simplified": False, "pii": False, "lowercase": False}
+    assert normalize_many(TEXTS, **options) == [normalize(text, **options) for text in TEXTS]
+
+
+def test_nfkc_many_equals_unicodedata_over_the_bmp():
+    # Every BMP code point except surrogates, in texts of 64, with combining marks after some of them.
+    points = [chr(p) for p in range(0x10000) if not 0xD800 <= p <= 0xDFFF]
+    texts = ["".join(points[i:i + 64]) + "\u0301" for i in range(0, len(points), 64)]
+    assert nfkc_many(texts) == [unicodedata.normalize("NFKC", text) for text in texts]
+
+
+def test_whitespace_collapse_matches_the_regex_definition():
+    spaces = "".join(chr(p) for p in range(0x3100) if chr(p).isspace())
+    text = f"{spaces}噪音{spaces}扰民{spaces}"
+    assert normalize(text) == re.sub(r"\s+", " ", text).strip() == "噪音 扰民"
+
+
+def test_filter_verdicts_are_cached_but_not_pickled():
+    import pickle
+
+    segmenter = Segmenter()
+    tokens = segmenter.raw_cut("小区的电梯坏了，物业不修。")
+    first = segmenter.filter(tokens)
+    assert segmenter.filter(tokens) == first == [t for t in tokens if segmenter.keeps(t)]
+    assert "的" not in first and "，" not in first
+    assert pickle.loads(pickle.dumps(segmenter))._verdicts == {}
+
+
+@pytest.mark.parametrize("config", [
+    FeaturesConfig(),
+    FeaturesConfig(word_ngram_max=3, char_ngram_max=3),
+    FeaturesConfig(word_ngram_max=1, char_ngram_max=0),
+    FeaturesConfig(min_df=2, max_features=300, sublinear_tf=False),
+])
+def test_fast_tfidf_equals_the_fitted_union_bit_for_bit(config):
+    segmenter = Segmenter()
+    train = segmenter.cut_many(normalize_many(TEXTS[:12]))
+    union = build_vectorizer(config).fit(train)
+    fast = FastTfidf.from_union(union, keep=segmenter.keeps)
+    assert fast is not None
+    raw = segmenter.raw_cut_many(normalize_many(TEXTS))
+    filtered = [segmenter.filter(tokens) for tokens in raw]
+    expected = union.transform(filtered).tocsr()
+    for got in (fast.transform(filtered), fast.transform(raw, raw=True), fast.transform(filtered)):
+        assert got.shape == expected.shape and got.dtype == expected.dtype
+        assert np.array_equal(got.indptr, expected.indptr)
+        assert np.array_equal(got.indices, expected.indices)
+        assert np.array_equal(got.data, expected.data)  # exact, not approximately
+
+
+def test_fast_tfidf_declines_what_it_cannot_reproduce():
+    union = build_vectorizer(FeaturesConfig()).fit([["物业", "电梯"], ["噪音"]])
+    fast = FastTfidf.from_union(union)
+    assert fast.transform([["a b", "物业"]]) is None  # a token with a space cannot be keyed: caller falls back
+    with pytest.raises(ValueError, match="keep test"):
+        fast.transform([["物业"]], raw=True)
+    union.set_params(word__norm="l1")
+    assert FastTfidf.from_union(union) is None
+
+
+def test_fast_tfidf_token_table_restarts_without_changing_results(monkeypatch):
+    union = build_vectorizer(FeaturesConfig()).fit([["物业", "电梯", "坏"], ["噪音", "扰民"]])
+    fast = FastTfidf.from_union(union)
+    monkeypatch.setattr(FastTfidf, "TOKEN_TABLE_LIMIT", 2)
+    docs = [["物业", "电梯"], ["噪音", "扰民", "新词"], [], ["电梯", "坏", "坏"]]
+    expected = union.transform(docs).toarray()
+    for _ in range(3):
+        assert np.array_equal(fast.transform(docs).toarray(), expected)
+
+
+def test_model_predictions_are_unchanged_by_the_fast_path(demo_model_dir):
+    from sanshi_ml.artifacts import load_model
+
+    model = load_model(demo_model_dir).model
+    texts = [t for t in TEXTS if t.strip()]
+    slow = model.vectorizer.transform(model.tokens(texts))
+    predictions, X = model.predict(texts)
+    assert (X != slow).nnz == 0
+    for name, pred in model.predict_features(slow).items():
+        assert np.array_equal(predictions[name].proba, pred.proba)
