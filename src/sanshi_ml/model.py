@@ -191,7 +191,8 @@ class TriageModel:
         values, counts = np.unique(y, return_counts=True)
         usable = np.isin(y, values[counts >= 2])  # a label seen once cannot be calibrated (the probe's rare case)
         folds = int(min(cfg.calibration_cv, counts[counts >= 2].min()))
-        base = LinearSVC(C=cfg.C, class_weight=cfg.class_weight)
+        # A fixed random_state makes training reproducible bit for bit (liblinear shuffles its coordinates).
+        base = LinearSVC(C=cfg.C, class_weight=cfg.class_weight, random_state=0)
         classifier = CalibratedClassifierCV(base, method=cfg.calibration, cv=folds, ensemble=False,
                                             n_jobs=cfg.n_jobs)
         return classifier.fit(X[usable], y[usable])
