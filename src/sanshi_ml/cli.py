@@ -326,5 +326,64 @@ def serve(
                 access_log=access_log, log_level="info")
 
 
+@app.command()
+@friendly_errors
+def score(
+    inputs: Annotated[list[str], typer.Argument(help="export(s) to score: CSV, Excel, Parquet or JSONL; globs work")],
+    out: Annotated[Path, typer.Option("--out", help="output .parquet or .csv (with --dask: a .parquet directory)")],
+    model_dir: ModelDirOpt = None,
+    text_cols: TextColsOpt = None, segmented_col: SegmentedOpt = None, id_col: IdOpt = None, time_col: TimeOpt = None,
+    keep_cols: Annotated[str | None, typer.Option(
+        "--keep-cols", help="comma-separated input columns copied to the output as they are (e.g. the archive's "
+                            "own 承办单位, to audit past dispatch)")] = None,
+    chunk_size: Annotated[int | None, typer.Option(help="records per chunk (default from params)")] = None,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="worker processes; 0 = every core")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="finish an interrupted run from its checkpoints")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="discard an unfinished run and start again")] = False,
+    dask: Annotated[str | None, typer.Option(
+        "--dask", help="run on Dask: a scheduler address (tcp://host:8786) or local:N for a local cluster")] = None,
+    policy: Annotated[str | None, typer.Option("--policy", help="三事 责任清单 YAML (default: the model's)")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="show a progress bar")] = True,
+    params_file: ParamsOpt = None, verbose: VerboseOpt = False,
+) -> None:
+    """Score an archive in chunks: predictions, confidence, review flags, 三事 colour and a status per record."""
+    _setup_logging(verbose)
+    from sanshi_ml.records import ColumnMap
+    from sanshi_ml.scoring import score as run_score
+
+    params = build_params(params_file, text_cols, segmented_col, None, id_col, time_col)
+    # Without column options, the columns recorded with the model are used.
+    columns = ColumnMap.from_config(params.data.columns).without_targets() if _columns_given(
+        text_cols, segmented_col, id_col, time_col) else None
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite contradict each other")
+    result = run_score(
+        inputs, model_dir or Path(params.train.model_dir), out, columns=columns,
+        chunk_size=chunk_size or params.score.chunk_size, jobs=params.score.jobs if jobs is None else jobs,
+        resume=resume, dask=dask, keep_cols=[c.strip() for c in (keep_cols or "").split(",") if c.strip()],
+        max_text_chars=params.score.max_text_chars, policy_path=policy or params.policy.path, overwrite=overwrite,
+        progress=progress, say=lambda m: typer.echo(m, err=True))
+    typer.echo(f"{result.out}: {result.rows} records, {result.records_per_second:,.0f} records/s")
+
+
+@app.command()
+@friendly_errors
+def report(
+    scored: Annotated[Path, typer.Argument(help="a scored archive (.parquet, .csv, or a Dask .parquet directory)")],
+    out: Annotated[Path, typer.Option("--out", help="report directory (CSV tables + PNG charts)")],
+    policy: Annotated[str | None, typer.Option("--policy", help="三事 责任清单 YAML for the colours")] = None,
+    top_units: Annotated[int | None, typer.Option(min=1, help="units shown in the top-units chart")] = None,
+    params_file: ParamsOpt = None, verbose: VerboseOpt = False,
+) -> None:
+    """Counts by 三事, category, unit, appeal type and month, the share flagged for review, and charts."""
+    _setup_logging(verbose)
+    from sanshi_ml.report import report as run_report
+
+    params = load_params(params_file)
+    result = run_report(scored, out, policy_path=policy or params.policy.path,
+                        top_units=top_units or params.report.top_units, say=lambda m: typer.echo(m, err=True))
+    typer.echo(f"{result.out_dir}: {len(result.csv)} tables, {len(result.png)} charts")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
