@@ -20,7 +20,6 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,8 +41,11 @@ from serve.schemas import (
     ModelInfo,
     Readiness,
     Suggestion,
+    TIMESTAMP_SCHEMA,
     TextProblem,
+    as_mapping,
     build_request_models,
+    optional_timestamp,
 )
 from serve.settings import Settings
 from serve.store import FeedbackEntry, FeedbackStore
@@ -259,6 +261,8 @@ def _describe_validation(errors: list[dict]) -> tuple[int, str, list[dict]]:
             kind, message = cause.kind, str(cause)
         elif kind == "missing":
             message = "a JSON body is required" if field == "body" else "this field is required"
+        elif kind == "extra_forbidden" and len(loc) == 3 and loc[1] in ("labels", "suggestion"):
+            kind, message = "unknown_target", "not a target of this model (see /v1/model)"
         elif kind == "extra_forbidden":
             kind, message = "unknown_field", "unknown field (the server runs in strict mode)"
         elif kind == "model_attributes_type" and field == "body":
@@ -325,11 +329,24 @@ ERROR_RESPONSES: dict[int | str, dict] = {
 KEYED_RESPONSES = {401: {"model": ErrorBody, "description": "missing or wrong API key"}, **ERROR_RESPONSES}
 
 
+def known_targets(settings: Settings) -> list[str] | None:
+    """The model's targets from its metadata (cheap: no unpickling), so the feedback schema can name them."""
+    if settings.model_dir is None:
+        return None
+    from sanshi_ml.artifacts import ArtifactError, read_metadata
+
+    try:
+        return list(read_metadata(settings.model_dir).get("targets") or {}) or None
+    except ArtifactError:
+        return None  # the background load reports the problem through /ready
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The FastAPI application; with no settings, they are read from SANSHI_* variables and params.yaml."""
     settings = settings or Settings.load()
     state = ServerState(settings)
-    models = build_request_models(settings.max_text_chars, settings.max_batch, settings.strict)
+    models = build_request_models(settings.max_text_chars, settings.max_batch, settings.strict,
+                                  targets=known_targets(settings))
     SuggestRequest, BatchRequest, FeedbackRequest = models.SuggestRequest, models.BatchRequest, models.FeedbackRequest
 
     @asynccontextmanager
@@ -355,7 +372,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if state.download_dir is not None:
                 shutil.rmtree(state.download_dir, ignore_errors=True)
 
+    def reject_unknown_query(request: Request) -> None:
+        """Strict mode: a query parameter the endpoint does not take is an error, as an unknown body field is."""
+        if not request.query_params:
+            return
+        route = request.scope.get("route")
+        known = {param.alias for param in route.dependant.query_params} if route is not None else set()
+        for name in request.query_params:
+            if name not in known:
+                raise ApiError(422, "validation_error", "unknown query parameter (the server runs in strict mode)",
+                               field=name or "query", kind="unknown_field")
+
     app = FastAPI(
+        dependencies=[Depends(reject_unknown_query)] if settings.strict else None,
         title="sanshi-ml intake server",
         summary="三事分流 triage suggestions for 12345 hotline records, with confidence, for intake clerks",
         description="Suggests the category, the 三事 class (with its colour, handling mode and time limit), the "
@@ -443,15 +472,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Store a clerk's accepted or corrected labels (personal data masked first)."""
         suggester = state.require_model()
         targets = set(suggester.targets)
-        for part, mapping in (("labels", body.labels), ("suggestion", body.suggestion)):
+        labels, suggested = as_mapping(body.labels), as_mapping(body.suggestion)
+        for part, mapping in (("labels", labels), ("suggestion", suggested)):
             for target in mapping:
                 if target not in targets:
                     raise ApiError(422, "validation_error", f"unknown target; this model has "
                                    f"{', '.join(suggester.targets)}", field=f"{part}.{target}", kind="unknown_target")
         row = state.store.add(FeedbackEntry(
             text=body.text, title=body.title, record_id=body.id, received_at=body.received_at,
-            model_version=body.model_version, labels=body.labels, clerk=body.clerk,
-            suggestion={t: item.model_dump() for t, item in body.suggestion.items()}))
+            model_version=body.model_version, labels=labels, clerk=body.clerk,
+            suggestion={t: as_mapping(item) for t, item in suggested.items()}))
         return json_response({"feedback_id": row.id, "stored_at": row.created_at.isoformat(),
                               "model_version": row.model_version, "corrected": row.corrected,
                               "accepted": sorted(set(row.labels) - set(row.corrected))}, status=201)
@@ -459,10 +489,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/v1/feedback/export", tags=["feedback"], dependencies=keyed,
              responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}},
                               "description": "CSV with the model's training columns"}, **KEYED_RESPONSES})
-    def export(since: Annotated[datetime | None, Query(description="only feedback stored at or after")] = None,
-               until: Annotated[datetime | None, Query(description="only feedback stored before")] = None,
+    def export(since: Annotated[str | None, Query(description="only feedback stored at or after (RFC 3339)",
+                                                  json_schema_extra=TIMESTAMP_SCHEMA)] = None,
+               until: Annotated[str | None, Query(description="only feedback stored before (RFC 3339)",
+                                                  json_schema_extra=TIMESTAMP_SCHEMA)] = None,
                model_version: Annotated[str | None, Query(max_length=64)] = None) -> StreamingResponse:
         """The stored answers as CSV with the serving model's training columns, ready for `sanshi-ml train`."""
+        bounds = {}
+        for name, value in (("since", since), ("until", until)):
+            try:
+                bounds[name] = optional_timestamp(value)
+            except ValueError as error:
+                raise ApiError(422, "validation_error", str(error), field=name, kind="datetime_parsing") from None
         suggester = state.require_model()
         layout = state.layout
         model = suggester.model
@@ -470,7 +508,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         def segment(text: str) -> str:
             return " ".join(model.segmenter.raw_cut(model.normalize(text)))
 
-        rows = state.store.rows(since=since, until=until, model_version=model_version)
+        rows = state.store.rows(since=bounds["since"], until=bounds["until"], model_version=model_version)
         return StreamingResponse(csv_chunks(layout, rows, segment if layout.segmented_col else None),
                                  media_type="text/csv; charset=utf-8",
                                  headers={"Content-Disposition": 'attachment; filename="feedback.csv"'})

@@ -7,11 +7,22 @@ that ``/docs`` and generated clients know them; the request models are therefore
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+import re
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Literal
+from datetime import datetime, timedelta, timezone
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from sanshi_ml.suggest import STATUS_OK, text_status
 
@@ -54,6 +65,43 @@ def check_text(value: str, max_chars: int) -> str:
     return value
 
 
+_RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d+)?(?:([Zz])|([+-])(\d{2}):(\d{2}))")
+TIMESTAMP_SCHEMA = {"type": "string", "format": "date-time", "examples": ["2024-03-05T08:30:00+08:00"]}
+
+
+def parse_timestamp(value: object) -> datetime:
+    """An RFC 3339 date-time with its offset (``2024-03-05T08:30:00+08:00``, ``…Z``), as the schema says.
+
+    Pydantic's own parsing would also take numbers as Unix times and bare dates, which the schema does not allow.
+    """
+    if isinstance(value, datetime):
+        return value
+    match = _RFC3339.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError("expected an RFC 3339 date-time with its offset, e.g. 2024-03-05T08:30:00+08:00")
+    year, month, day, hour, minute, second = (int(match.group(i)) for i in range(1, 7))
+    fraction, zulu, sign, off_h, off_m = match.group(7), match.group(8), match.group(9), match.group(10), \
+        match.group(11)
+    try:
+        offset = timezone.utc if zulu else timezone(
+            (1 if sign == "+" else -1) * timedelta(hours=int(off_h), minutes=int(off_m)))
+        micro = int((fraction[1:] + "000000")[:6]) if fraction else 0
+        # RFC 3339 allows a leap second (:60); Python's datetime does not, so it becomes :59.999999.
+        if second == 60:
+            second, micro = 59, 999_999
+        return datetime(year, month, day, hour, minute, second, micro, tzinfo=offset)
+    except ValueError as error:
+        raise ValueError(f"not a valid date-time: {error}") from None
+
+
+def optional_timestamp(value: object) -> datetime | None:
+    return None if value is None else parse_timestamp(value)
+
+
+Timestamp = Annotated[datetime | None, BeforeValidator(optional_timestamp),
+                      WithJsonSchema({"anyOf": [TIMESTAMP_SCHEMA, {"type": "null"}]})]
+
+
 def check_optional_text(value: str | None) -> str | None:
     """Titles, ids and labels: may be empty, but must be encodable."""
     if value is not None:
@@ -67,6 +115,13 @@ def check_optional_text(value: str | None) -> str | None:
 # ------------------------------------------------------------------------------------------------------- requests
 
 
+# In the schema (so generated clients and schemathesis know the rule) but checked by the validators, which give the
+# precise error (empty_text, undecodable) instead of a bare pattern mismatch: at least one non-space character, and
+# no U+FFFD (the mark an earlier decoding failure leaves).
+TEXT_PATTERN = "^[^\\uFFFD]*\\S[^\\uFFFD]*$"
+NON_BLANK_PATTERN = "\\S"
+
+
 @dataclass(frozen=True)
 class RequestModels:
     """The request models of one application (their limits come from its settings)."""
@@ -77,12 +132,38 @@ class RequestModels:
     SuggestedLabel: type[BaseModel]
 
 
-def build_request_models(max_text_chars: int, max_batch: int, strict: bool) -> RequestModels:
-    """Request models with this server's limits; ``strict`` rejects unknown fields instead of ignoring them."""
-    config = ConfigDict(extra="forbid" if strict else "ignore", str_max_length=max(max_text_chars, TITLE_MAX_CHARS))
+def as_mapping(value: BaseModel | dict | None) -> dict:
+    """Labels or suggestions as ``{target: value}``, whichever model carried them."""
+    if value is None:
+        return {}
+    if isinstance(value, BaseModel):
+        return value.model_dump(by_alias=True, exclude_none=True)
+    return dict(value)
+
+
+def check_label(value: str | None) -> str | None:
+    if value is not None:
+        check_optional_text(value)
+        if not value.strip():
+            raise ValueError("label is empty or only whitespace")
+    return value
+
+
+def build_request_models(max_text_chars: int, max_batch: int, strict: bool,
+                         targets: Sequence[str] | None = None) -> RequestModels:
+    """Request models with this server's limits; ``strict`` rejects unknown fields instead of ignoring them.
+
+    With the model's ``targets`` known when the app is built (a model directory's metadata), the feedback labels are
+    an object with one optional property per target, so the schema says which targets exist; otherwise (a registry
+    model, downloaded later) they are a free mapping checked against the model once it is loaded.
+    """
+    extra = "forbid" if strict else "ignore"
+    # Strict types: a number is not a text, ``true`` is not a confidence, "0.5" is not a number.
+    config = ConfigDict(extra=extra, strict=True, str_max_length=max(max_text_chars, TITLE_MAX_CHARS))
 
     def text_field(description: str, example: str):
-        return Field(min_length=1, max_length=max_text_chars, description=description, examples=[example])
+        return Field(min_length=1, max_length=max_text_chars, description=description, examples=[example],
+                     json_schema_extra={"pattern": TEXT_PATTERN})
 
     class _Base(BaseModel):
         model_config = config
@@ -119,14 +200,49 @@ def build_request_models(max_text_chars: int, max_batch: int, strict: bool) -> R
         records: list[SuggestRequest] = Field(min_length=1, max_length=max_batch,
                                               description=f"1 to {max_batch} records")
 
+    label_field = {"min_length": 1, "max_length": LABEL_MAX_CHARS, "json_schema_extra": {"pattern": NON_BLANK_PATTERN}}
+
     class SuggestedLabel(_Base):
-        label: str = Field(min_length=1, max_length=LABEL_MAX_CHARS)
+        label: str = Field(**label_field)
         confidence: float | None = Field(None, ge=0, le=1)
 
         @field_validator("label")
         @classmethod
-        def _encodable(cls, value: str) -> str:
-            return check_optional_text(value)
+        def _label(cls, value: str) -> str:
+            return check_label(value)
+
+    labels_type: Any
+    suggestion_type: Any
+    if targets:
+        # Unknown targets are refused even in lenient mode: silently dropping a clerk's label would lose it.
+        names = {f"target_{i}": target for i, target in enumerate(targets)}
+
+        def _non_blank(cls, value: str | None) -> str | None:
+            return check_label(value)
+
+        def _at_least_one(self):
+            if not self.model_dump(exclude_none=True):
+                raise ValueError("give at least one target's label")
+            return self
+
+        labels_type = create_model(
+            "Labels", __config__=ConfigDict(extra="forbid", strict=True, json_schema_extra={"minProperties": 1}),
+            __doc__="The clerk's label per target; targets left out stay unlabelled.",
+            __validators__={"non_blank": field_validator(*names)(classmethod(_non_blank)),
+                            "at_least_one": model_validator(mode="after")(_at_least_one)},
+            **{field: (str, Field(None, alias=target, **label_field)) for field, target in names.items()})
+        suggestion_type = create_model(
+            "SuggestedLabels", __config__=ConfigDict(extra="forbid", strict=True),
+            __doc__="What the model suggested, per target (from /v1/suggest).",
+            **{field: (SuggestedLabel, Field(None, alias=target)) for field, target in names.items()})
+        labels_field = Field(description="the clerk's final label per target; targets left out stay unlabelled")
+        suggestion_field = Field(default=None, description="what the model suggested, per target")
+    else:
+        labels_type, suggestion_type = dict[str, str], dict[str, SuggestedLabel]
+        labels_field = Field(min_length=1, max_length=MAX_TARGETS, description="the clerk's final label per target; "
+                                                                              "targets left out stay unlabelled")
+        suggestion_field = Field(default_factory=dict, max_length=MAX_TARGETS,
+                                 description="what the model suggested, per target (from /v1/suggest)")
 
     class FeedbackRequest(_Base):
         """The clerk's answer to a suggestion: the labels accepted or corrected, with the request they belong to."""
@@ -141,13 +257,11 @@ def build_request_models(max_text_chars: int, max_batch: int, strict: bool) -> R
         text: str = text_field("the request's text, as it was suggested on", EXAMPLE_TEXT)
         title: str | None = Field(None, max_length=TITLE_MAX_CHARS, examples=[EXAMPLE_TITLE])
         id: str | None = Field(None, max_length=ID_MAX_CHARS, description="the record's id (工单编号)")
-        received_at: datetime | None = Field(None, description="when the request was received (受理时间); "
-                                                               "default: when the feedback arrives")
+        received_at: Timestamp = Field(None, description="when the request was received (受理时间), RFC 3339 with "
+                                                         "offset; stored as that wall-clock time. Default: now")
         model_version: str = Field(min_length=1, max_length=64, description="model_version of the suggestion")
-        suggestion: dict[str, SuggestedLabel] = Field(
-            default_factory=dict, max_length=MAX_TARGETS, description="what the model suggested, per target (from /v1/suggest)")
-        labels: dict[str, str] = Field(min_length=1, max_length=MAX_TARGETS, description="the clerk's final label per target; "
-                                                                 "targets left out stay unlabelled")
+        suggestion: suggestion_type = suggestion_field
+        labels: labels_type = labels_field
         clerk: str | None = Field(None, max_length=64, description="who answered (an id, not a name)")
 
         @field_validator("text")
@@ -155,16 +269,16 @@ def build_request_models(max_text_chars: int, max_batch: int, strict: bool) -> R
         def _text(cls, value: str) -> str:
             return check_text(value, max_text_chars)
 
-        @field_validator("labels")
+        @field_validator("labels", mode="after")
         @classmethod
-        def _labels(cls, value: dict[str, str]) -> dict[str, str]:
-            for target, label in value.items():
-                check_optional_text(target)
-                check_optional_text(label)
-                if not label.strip():
-                    raise ValueError(f"label for '{target}' is empty")
-                if len(label) > LABEL_MAX_CHARS:
-                    raise ValueError(f"label for '{target}' is longer than {LABEL_MAX_CHARS} characters")
+        def _labels(cls, value):
+            if isinstance(value, dict):
+                for target, label in value.items():
+                    check_optional_text(target)
+                    if label is not None and not label.strip():
+                        raise ValueError(f"label for '{target}' is empty")
+                    if len(label) > LABEL_MAX_CHARS:
+                        raise ValueError(f"label for '{target}' is longer than {LABEL_MAX_CHARS} characters")
             return value
 
         @field_validator("title", "id", "model_version", "clerk")

@@ -241,12 +241,15 @@ async function submitFeedback() {
   }
 }
 
-// 受理时间 as the hotline writes it: local wall-clock time without a zone.
+// 受理时间: local wall-clock time with its offset (RFC 3339); the server keeps the wall-clock time.
 function localTimestamp() {
   const d = new Date();
   const pad = (n) => String(n).padStart(2, "0");
+  const offset = -d.getTimezoneOffset();
+  const sign = offset >= 0 ? "+" : "-";
   return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}T` +
-         `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+         `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}` +
+         `${sign}${pad(Math.floor(Math.abs(offset) / 60))}:${pad(Math.abs(offset) % 60)}`;
 }
 
 function clearForm() {

@@ -39,6 +39,17 @@ def wait_ready(client, timeout: float = 60.0) -> dict:
     raise AssertionError("model not ready in time")
 
 
+def wait_settled(client, timeout: float = 60.0) -> dict:
+    """Poll /ready until loading has finished, well or not; returns its body."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = client.get("/ready").json()
+        if body["status"] != "loading":
+            return body
+        time.sleep(0.05)
+    raise AssertionError("model still loading")
+
+
 def make_settings(model_dir: Path, database_url: str, **overrides):
     from serve.settings import Settings
 

@@ -16,7 +16,7 @@ from sanshi_ml.artifacts import load_model
 from sanshi_ml.suggest import Suggester
 from serve.app import create_app
 from tests.conftest import DEMO_CSV
-from tests.system.serve_support import API_KEY, make_settings, wait_ready
+from tests.system.serve_support import API_KEY, make_settings, wait_ready, wait_settled
 
 KEY = {"X-API-Key": API_KEY}
 TITLE = "小区电梯坏了一个多月没人修"
@@ -90,11 +90,7 @@ def test_ready_is_503_until_the_model_is_loaded(demo_model_dir, tmp_path):
 def test_a_model_that_cannot_load_is_reported_by_ready(tmp_path):
     app = create_app(make_settings(tmp_path / "no-such-model", f"sqlite:///{tmp_path / 'f.db'}"))
     with TestClient(app) as client:
-        for _ in range(200):
-            body = client.get("/ready").json()
-            if body["status"] != "loading":
-                break
-            threading.Event().wait(0.02)
+        body = wait_settled(client)
         assert body["status"] == "failed" and "no-such-model" in body["error"]
         assert client.get("/ready").status_code == 503
         assert_error(client.post("/v1/suggest", json={"text": TEXT}), 503, "model")
@@ -314,12 +310,16 @@ BAD_FEEDBACK = [
     pytest.param({"labels": {"colour": "red"}}, "labels.colour", "unknown_target", id="unknown-target"),
     pytest.param({"suggestion": {"colour": {"label": "red"}}}, "suggestion.colour", "unknown_target",
                  id="unknown-suggested-target"),
-    pytest.param({"labels": {"sanshi": "  "}}, "labels", None, id="blank-label"),
-    pytest.param({"labels": {}}, "labels", "too_short", id="no-labels"),
+    pytest.param({"labels": {"sanshi": "  "}}, "labels.sanshi", None, id="blank-label"),
+    pytest.param({"labels": {}}, "labels", None, id="no-labels"),
     pytest.param({"labels": {"sanshi": 3}}, "labels.sanshi", "string_type", id="label-not-a-string"),
     pytest.param({"text": "\t "}, "text", "empty_text", id="blank-text"),
     pytest.param({"model_version": ""}, "model_version", "string_too_short", id="no-model-version"),
     pytest.param({"received_at": "yesterday"}, "received_at", None, id="bad-time"),
+    pytest.param({"received_at": "2024-03-05 08:30:00"}, "received_at", None, id="time-without-offset"),
+    pytest.param({"received_at": 1709600000}, "received_at", None, id="time-as-number"),
+    pytest.param({"suggestion": {"sanshi": {"label": "共事", "confidence": True}}}, "suggestion.sanshi.confidence",
+                 "float_type", id="confidence-not-a-number"),
     pytest.param({"suggestion": {"sanshi": {"label": "共事", "confidence": 1.5}}}, "suggestion.sanshi.confidence",
                  "less_than_equal", id="confidence-over-1"),
     pytest.param({"clerk": "x" * 65}, "clerk", "string_too_long", id="clerk-too-long"),
@@ -333,6 +333,10 @@ def test_bad_feedback_gets_a_422_naming_the_field(served, change, field, kind):
 
 def test_export_filters_are_validated(served):
     assert_error(served.get("/v1/feedback/export?since=not-a-time", headers=KEY), 422, "since")
+    assert_error(served.get("/v1/feedback/export?until=0.62", headers=KEY), 422, "until")
+    assert_error(served.get("/v1/feedback/export?colour=red", headers=KEY), 422, "colour", "unknown_field")
+    later = served.get("/v1/feedback/export?since=2999-01-01T00:00:00Z", headers=KEY).content.decode("utf-8-sig")
+    assert len(later.strip().splitlines()) == 1  # the header only
 
 
 def test_personal_data_is_masked_before_it_is_stored_or_logged(demo_model_dir, tmp_path, caplog):
@@ -358,7 +362,7 @@ def test_personal_data_is_masked_before_it_is_stored_or_logged(demo_model_dir, t
 
 
 def test_export_is_a_csv_with_the_models_training_columns(served):
-    served.post("/v1/feedback", json=feedback_body(id="EXP-1", received_at="2024-03-05T08:30:00"), headers=KEY)
+    served.post("/v1/feedback", json=feedback_body(id="EXP-1", received_at="2024-03-05T08:30:00+08:00"), headers=KEY)
     response = served.get("/v1/feedback/export", headers=KEY)
     assert response.headers["content-type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(response.content.decode("utf-8-sig"))))
@@ -373,7 +377,6 @@ def test_export_is_a_csv_with_the_models_training_columns(served):
     assert list(csv.reader(io.StringIO(only_other.content.decode("utf-8-sig")))) == [header]
 
 
-@pytest.mark.slow
 def test_corrections_from_the_export_train_the_next_model(demo_model_dir, tmp_path, repo_params):
     """Clerks correct suggestions; the export is appended to the demo data and `train` learns from both."""
     from sanshi_ml.records import ColumnMap, load_records
