@@ -106,6 +106,9 @@ def choose_threshold(confidence: np.ndarray, correct: np.ndarray, target_accurac
             "holdout_coverage": float((last + 1) / len(order)), "n_holdout": int(len(order)), "reachable": True}
 
 
+_CONFIG_FIELDS = {"text_config": TextConfig, "features_config": FeaturesConfig, "train_config": TrainConfig}
+
+
 class TriageModel:
     """Normalise → segment → TF-IDF → one calibrated linear classifier per target."""
 
@@ -126,7 +129,16 @@ class TriageModel:
         state = self.__dict__.copy()
         state["_weights"] = {}  # rebuilt on demand; no need to store two copies of the coefficients
         state.pop("_fast", None)  # the fast transform is rebuilt from the vectoriser on first use
+        # Configs are stored as plain dicts: a pydantic model pickles its set of assigned fields, whose order varies
+        # with string hashing, so the same model would get a different artifact sha256 on every run.
+        for name in _CONFIG_FIELDS:
+            state[name] = state[name].model_dump()
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        for name, cls in _CONFIG_FIELDS.items():
+            state[name] = cls.model_validate(state[name])
+        self.__dict__.update(state)
 
     # ---------------------------------------------------------------------------------------------- text and features
 

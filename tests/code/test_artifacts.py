@@ -84,3 +84,16 @@ def test_missing_pieces_are_named(model_copy, tmp_path):
     (model_copy / "metadata.json").write_text("{broken")
     with pytest.raises(ArtifactError, match="unreadable metadata"):
         load_model(model_copy)
+
+
+def test_training_is_reproducible_bit_for_bit(repo_params, tmp_path):
+    from sanshi_ml.config import with_overrides
+    from sanshi_ml.train import train
+    from tests.conftest import DEMO_CSV
+
+    params = with_overrides(repo_params, {"data.columns.targets": {"sanshi": "三事"}})
+    digests = []
+    for _ in range(2):
+        train([DEMO_CSV], params, model_dir=tmp_path / "model", progress=lambda _m: None, track=False)
+        digests.append(sha256_file(tmp_path / "model" / "model.joblib"))
+    assert digests[0] == digests[1]
