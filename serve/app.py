@@ -13,6 +13,7 @@ input is a 4xx, never a 500 or a traceback, and error bodies never echo the inpu
 # FastAPI must see the real classes in the endpoint signatures, not strings it cannot resolve.
 
 import asyncio
+import gc
 import logging
 import secrets
 import shutil
@@ -172,6 +173,10 @@ class ServerState:
         suggester.suggest(WARMUP_RECORDS[:1], top_k=1)
         repeats = -(-settings.batch_records // len(WARMUP_RECORDS))
         suggester.suggest((WARMUP_RECORDS * repeats)[:settings.batch_records], top_k=settings.top_k)
+        # The model is hundreds of thousands of long-lived objects; a full garbage collection walked them all and
+        # stalled the server for 100-130 ms every second or so under load. Frozen, they are never walked again.
+        gc.collect()
+        gc.freeze()
         self.model_info = model_info(suggester, loaded.metadata, model_dir, settings)
         self.model_info_bytes = orjson.dumps(self.model_info)
         self.layout = ExportLayout.from_metadata(loaded.metadata, suggester.targets)
