@@ -263,12 +263,39 @@ def _fingerprint_difference(recorded: dict, current: dict) -> str | None:
 
 @dataclass
 class Chunk:
-    """Chunk ``index`` of the run: rows ``row_offset``… of input file ``source``."""
+    """Chunk ``index`` of the run: rows ``row_offset``… of input file ``source``.
+
+    Parquet chunks stay Arrow tables until a worker turns them into a frame: the reading process then holds only
+    compact Arrow buffers, and they travel to the worker without becoming Python objects first.
+    """
 
     index: int
     source: Path
     row_offset: int
-    frame: pd.DataFrame
+    data: pd.DataFrame | pa.Table
+
+    def __len__(self) -> int:
+        return self.data.num_rows if isinstance(self.data, pa.Table) else len(self.data)
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        return self.data.to_pandas() if isinstance(self.data, pa.Table) else self.data
+
+
+def _read_chunks(path: Path, chunk_size: int) -> Iterator[pd.DataFrame | pa.Table]:
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        import pyarrow.parquet as pq
+
+        try:
+            # Without pre-buffering the reader holds a 1 MiB window instead of whole column chunks (hundreds of MB
+            # for a large row group), so the reading process stays small.
+            reader = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+            for batch in reader.iter_batches(batch_size=chunk_size):
+                yield pa.Table.from_batches([batch])
+        except (OSError, pa.ArrowException) as error:
+            raise RecordError(f"{path}: cannot be read as parquet: {error}") from error
+        return
+    yield from iter_table(path, chunk_size)
 
 
 def iter_chunks(paths: Sequence[Path], chunk_size: int) -> Iterator[Chunk]:
@@ -276,10 +303,11 @@ def iter_chunks(paths: Sequence[Path], chunk_size: int) -> Iterator[Chunk]:
     index = 0
     for path in paths:
         offset = 0
-        for frame in iter_table(path, chunk_size):
-            yield Chunk(index, path, offset, frame)
+        for data in _read_chunks(path, chunk_size):
+            chunk = Chunk(index, path, offset, data)
+            yield chunk
             index += 1
-            offset += len(frame)
+            offset += len(chunk)
 
 
 def estimate_rows(paths: Sequence[Path]) -> tuple[int | None, bool]:
@@ -429,10 +457,26 @@ def _init_worker(parent_pid: int, model_dir: str | None, policy_path: str | None
     _WORKER.update(spec=spec, parts_dir=Path(parts_dir), schema=schema)
 
 
+def release_memory() -> None:
+    """Hand freed memory back to the OS (Arrow's pool and glibc's heap keep it otherwise), so that a long run's
+    resident memory reflects what it holds, not its peak."""
+    pa.default_memory_pool().release_unused()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 def _score_and_write(chunk: Chunk) -> dict:
     """Worker task: score a chunk and checkpoint it; only the small marker travels back."""
     frame = score_chunk(chunk.frame, _WORKER["suggester"], _WORKER["spec"], chunk.source, chunk.row_offset)
-    return write_part(_WORKER["parts_dir"], chunk, frame, _WORKER["schema"])
+    marker = write_part(_WORKER["parts_dir"], chunk, frame, _WORKER["schema"])
+    del frame, chunk
+    release_memory()
+    return marker
 
 
 def resolve_jobs(jobs: int) -> int:
@@ -559,7 +603,7 @@ def score(inputs: Sequence[str | Path], model_dir: str | Path, out: str | Path, 
     executor = _start_workers(n_jobs, loaded, suggester, model_dir, policy_path, spec, parts_dir, schema)
     bar = None
     try:
-        pending: dict[Future, Chunk] = {}
+        pending: dict[Future, int] = {}
 
         def collect(block: bool) -> None:
             nonlocal rows_done
@@ -575,7 +619,7 @@ def score(inputs: Sequence[str | Path], model_dir: str | Path, out: str | Path, 
         for chunk in iter_chunks(paths, chunk_size):
             n_chunks += 1
             marker = read_marker(parts_dir, chunk.index) if resume else None
-            if marker is not None and marker["rows"] == len(chunk.frame):
+            if marker is not None and marker["rows"] == len(chunk):
                 resumed += 1
                 status.update(marker["status"])
                 rows_done += marker["rows"]
@@ -588,11 +632,14 @@ def score(inputs: Sequence[str | Path], model_dir: str | Path, out: str | Path, 
                 rows_done += marker["rows"]
                 bar.update(marker["rows"])
                 continue
-            # At most two chunks per worker in flight: memory stays flat however long the archive is.
-            while len(pending) >= 2 * n_jobs:
+            # One chunk per worker plus one waiting: workers never idle, and memory stays flat however long the
+            # archive is.
+            while len(pending) > n_jobs:
                 collect(block=True)
-            pending[executor.submit(_score_and_write, chunk)] = chunk
+            pending[executor.submit(_score_and_write, chunk)] = chunk.index
+            del chunk
             collect(block=False)
+            release_memory()
         while pending:
             collect(block=True)
         if bar.total is not None and bar.n != bar.total:

@@ -127,3 +127,25 @@ def test_model_predictions_are_unchanged_by_the_fast_path(demo_model_dir):
     assert (X != slow).nnz == 0
     for name, pred in model.predict_features(slow).items():
         assert np.array_equal(predictions[name].proba, pred.proba)
+
+
+def test_stacked_heads_give_sklearns_probabilities_bit_for_bit_binary_heads_too(repo_params):
+    import pandas as pd
+
+    from sanshi_ml.model import StackedHeads, TriageModel
+    from sanshi_ml.records import ColumnMap, to_records
+    from tests.conftest import DEMO_CSV
+
+    frame = pd.read_csv(DEMO_CSV, dtype=str)
+    frame["公事吗"] = (frame["三事"] == "公事").map({True: "是", False: "否"})
+    cmap = ColumnMap(text_cols=("标题", "诉求内容"), targets={"public": "公事吗", "sanshi": "三事"})
+    model = TriageModel(repo_params.text, repo_params.features, repo_params.train).fit(
+        to_records(frame, cmap, "demo"), progress=lambda _m: None)
+    X = model.transform(TEXTS[:12])
+    expected = {name: head.classifier.predict_proba(X) for name, head in model.heads.items()}
+    predictions = model.predict_features(X)
+    assert isinstance(model._stacked, StackedHeads) and model.heads["public"].classes == ["否", "是"]
+    for name, proba in expected.items():
+        assert np.array_equal(predictions[name].proba, proba)
+        # sklearn's own path still works on the heads, whose weights are now views into the stacked array
+        assert np.array_equal(model.heads[name].classifier.predict_proba(X), proba)
