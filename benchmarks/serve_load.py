@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("SANSHI_SHARED_DATA", REPO.parent / "shared" / "data")) / "petitions" / "petitions_silver.csv"
+SHARED = Path(os.environ.get("SANSHI_SHARED_DATA", REPO.parent / "shared" / "data"))
+DATA = SHARED / "petitions" / "petitions_silver.csv"
 MODEL_DIR = REPO / "benchmarks" / "out" / "serve_model"
 TARGETS = {"category": "一级分类", "sanshi": "三事", "unit": "承办单位", "appeal": "诉求类型"}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from sqlalchemy import JSON, DateTime, Integer, String, Text, create_engine, event, func, select
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from sanshi_ml.text import mask_pii
@@ -148,8 +149,21 @@ class FeedbackStore:
             raise StoreError(f"{self.url}: {error}") from None
         if parsed.get_backend_name() == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
+        self._create_tables()
         _fold_table()  # built once here (about 0.1 s) rather than inside the first clerk's request
+
+    def _create_tables(self, attempts: int = 5) -> None:
+        """Create the table if missing. Worker processes starting together race between "does it exist?" and
+        "CREATE TABLE"; the loser sees "already exists" and simply checks again."""
+        for attempt in range(attempts):
+            try:
+                Base.metadata.create_all(self.engine)
+                return
+            except DBAPIError as error:
+                if error.connection_invalidated or attempt == attempts - 1:
+                    self.engine.dispose()
+                    raise StoreError(f"{self.url}: cannot create the feedback table: {error.orig}") from None
+                time.sleep(0.05 * (attempt + 1))
 
     def add(self, entry: FeedbackEntry) -> FeedbackRow:
         """Mask and store one answer; returns the stored row (with its id)."""
@@ -194,6 +208,6 @@ class FeedbackStore:
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     # WAL lets an export read while another worker process writes; the busy timeout waits instead of failing.
     cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA busy_timeout=5000")  # first, so that switching to WAL waits for another process too
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
     cursor.close()

@@ -299,6 +299,7 @@ def serve(
 
     from sanshi_ml.artifacts import read_metadata
     from serve.settings import ENV_PREFIX, Settings
+    from serve.store import FeedbackStore, StoreError
 
     try:
         settings = Settings.load(params_file, model_dir=model_dir, model_uri=model_uri, database_url=database_url)
@@ -307,6 +308,10 @@ def serve(
         raise UsageError(f"server settings: {problems}") from None
     if settings.model_dir is not None:
         read_metadata(settings.model_dir)  # a wrong directory fails here, in one line, not later in a worker
+    try:  # an unusable database too; and the table exists before several workers race to create it
+        FeedbackStore(settings.database_url).close()
+    except StoreError as error:
+        raise UsageError(str(error)) from None
     if settings.api_key is None:
         log.warning("SANSHI_API_KEY is not set: /v1/feedback and /v1/feedback/export refuse every request")
     log.info("serving %s on http://%s:%d (%d worker%s)", settings.model_source, host, port, workers,
