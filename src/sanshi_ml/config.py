@@ -113,7 +113,7 @@ class TrackingConfig(_Section):
 
 
 class ScoreConfig(_Section):
-    chunk_size: int = Field(20_000, ge=1)
+    chunk_size: int = Field(10_000, ge=1, description="records per chunk: the unit of parallel work and of resume")
     jobs: int = Field(0, ge=0, description="worker processes; 0 = every core")
     max_text_chars: int = Field(20_000, ge=1)
 

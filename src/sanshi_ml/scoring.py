@@ -561,7 +561,7 @@ def _progress_bar(total: int | None, exact: bool, initial: int, enabled: bool):
 
 
 def score(inputs: Sequence[str | Path], model_dir: str | Path, out: str | Path, *, columns: ColumnMap | None = None,
-          chunk_size: int = 20_000, jobs: int = 0, resume: bool = False, dask: str | None = None,
+          chunk_size: int = 10_000, jobs: int = 0, resume: bool = False, dask: str | None = None,
           keep_cols: Sequence[str] = (), max_text_chars: int = 20_000, policy_path: str | None = None,
           overwrite: bool = False, progress: bool = True, keep_parts: bool = False,
           say: Callable[[str], None] | None = None) -> ScoreResult:
