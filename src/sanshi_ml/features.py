@@ -69,9 +69,10 @@ class FastTfidf:
     Here each token is looked up once in a table of the tokens seen so far (its unigram column, its id for word
     n-grams, its character-n-gram columns and, given the segmenter's ``keep`` test, whether the segmenter's filter
     drops it, so raw segmenter output can be passed without a separate filtering pass); word n-grams are found by
-    integer keys in a hash index; the (row, column) pairs are counted with one numpy sort. The counts are then weighted with the vectorisers' own ``idf_``
-    and normalised by sklearn's own ``normalize``, in sklearn's order, so the matrix equals ``union.transform``
-    bit for bit (tests/code/test_features.py checks it). The object is built lazily and never pickled.
+    integer keys in a hash index; the (row, column) pairs are counted with one numpy sort. The counts are then
+    weighted with the vectorisers' own ``idf_`` and normalised by sklearn's own ``normalize``, in sklearn's order,
+    so the matrix equals ``union.transform`` bit for bit (tests/code/test_fast_paths.py checks it). The model builds
+    it lazily and never pickles it.
     """
 
     TOKEN_TABLE_LIMIT = 300_000  # distinct tokens remembered between batches; the table restarts beyond this

@@ -416,6 +416,9 @@ def assemble(parts_dir: Path, n_chunks: int, out: Path, fmt: str, schema: pa.Sch
                         table = pq.read_table(part_paths(parts_dir, index)[0], schema=schema)
                         writer.write_table(table)
                         rows += table.num_rows
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; the archive gets the usual permissions
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -585,6 +588,9 @@ def score(inputs: Sequence[str | Path], model_dir: str | Path, out: str | Path, 
     suggester = Suggester.from_loaded(loaded, policy_path)
     _check_keep_cols(suggester, spec.keep_cols)
     if dask:
+        if resume:
+            raise ScoringError("--resume is for local runs; with --dask a failed partition is retried by Dask and "
+                               "an interrupted run is started again (--overwrite)")
         return score_dask(paths, loaded, suggester, spec, out, dask, overwrite=overwrite, say=say)
 
     fmt = output_format(out)

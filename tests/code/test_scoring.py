@@ -239,3 +239,10 @@ def test_received_times_with_zones_keep_their_wall_clock(suggester):
     out = score_chunk(frame, suggester, ScoringSpec(COLUMNS))
     assert out["received_at"].iloc[0] == pd.Timestamp("2024-03-05 08:30:00") and pd.isna(out["received_at"].iloc[1])
     assert np.all(out["status"] == "ok")
+
+
+def test_dask_options_are_checked_before_a_cluster_starts(tmp_path, demo_model_dir, demo_sample):
+    with pytest.raises(ScoringError, match="--resume is for local runs"):
+        score([demo_sample], demo_model_dir, tmp_path / "o.parquet", dask="local:2", resume=True, progress=False)
+    with pytest.raises(ScoringError, match="expected local:N"):
+        score([demo_sample], demo_model_dir, tmp_path / "o.parquet", dask="local:many", progress=False)
