@@ -409,11 +409,20 @@ def assemble(parts_dir: Path, n_chunks: int, out: Path, fmt: str, schema: pa.Sch
                     writer.write_table(table)
                     rows += table.num_rows
         else:
+            import pyarrow.compute as pc
+
+            times = schema.get_field_index("received_at")
+            csv_schema = schema.set(times, pa.field("received_at", pa.string()))
             with open(tmp, "wb") as handle:
                 handle.write("\ufeff".encode())  # a BOM, so spreadsheet programs read the Chinese text as UTF-8
-                with pacsv.CSVWriter(handle, schema) as writer:
+                with pacsv.CSVWriter(handle, csv_schema) as writer:
                     for index in range(n_chunks):
                         table = pq.read_table(part_paths(parts_dir, index)[0], schema=schema)
+                        # "2024-03-05 08:30:00", not Arrow's "2024-03-05 08:30:00.000000" (the Parquet output
+                        # keeps fractions of a second; received times in hotline exports have none)
+                        seconds = table.column(times).cast(pa.timestamp("s"), safe=False)
+                        table = table.set_column(times, "received_at",
+                                                 pc.strftime(seconds, format="%Y-%m-%d %H:%M:%S"))
                         writer.write_table(table)
                         rows += table.num_rows
         umask = os.umask(0)
