@@ -156,21 +156,43 @@ class StackedHeads:
         out = {}
         for name, (start, end, calibrated) in self.blocks.items():
             scores = decisions[:, start:end] + calibrated.estimator.intercept_
-            out[name] = _sigmoid_proba(calibrated, scores)
+            out[name] = _sigmoid_proba(calibrated, scores, self._platt[name])
         return out
 
+    @property
+    def _platt(self) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per head, read once: each decision column's output column and its Platt a_ and b_."""
+        if "_platt_cache" not in self.__dict__:
+            self._platt_cache = {name: _platt_parameters(calibrated)
+                                 for name, (_start, _end, calibrated) in self.blocks.items()}
+        return self._platt_cache
 
-def _sigmoid_proba(calibrated, predictions: np.ndarray) -> np.ndarray:
-    """sklearn's _CalibratedClassifier.predict_proba (sigmoid method) from given decision values."""
+
+def _platt_parameters(calibrated) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from sklearn.preprocessing import LabelEncoder
 
+    if calibrated.classes.shape[0] == 2:
+        positive = np.array([1])  # binary: one column of decision values, for classes_[1]
+    else:
+        positive = LabelEncoder().fit(calibrated.classes).transform(calibrated.estimator.classes_)
+    a = np.array([c.a_ for c in calibrated.calibrators], dtype=np.float64)
+    b = np.array([c.b_ for c in calibrated.calibrators], dtype=np.float64)
+    return positive, a, b
+
+
+def _sigmoid_proba(calibrated, predictions: np.ndarray,
+                   platt: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    """sklearn's _CalibratedClassifier.predict_proba (sigmoid method) from given decision values.
+
+    ``_SigmoidCalibration.predict`` is ``expit(-(a_ * T + b_))`` per class; applying it to every column at once
+    performs the same float operations without sklearn's per-class input validation, which dominated small batches.
+    """
+    from scipy.special import expit
+
     n_classes = calibrated.classes.shape[0]
+    positive, a, b = platt
     proba = np.zeros((predictions.shape[0], n_classes))
-    positive = LabelEncoder().fit(calibrated.classes).transform(calibrated.estimator.classes_)
-    for class_idx, this_pred, calibrator in zip(positive, predictions.T, calibrated.calibrators):
-        if n_classes == 2:
-            class_idx += 1  # binary: one column of decision values, for classes_[1]
-        proba[:, class_idx] = calibrator.predict(this_pred)
+    proba[:, positive] = expit(-(a * predictions[:, :len(a)] + b))
     if n_classes == 2:
         proba[:, 0] = 1.0 - proba[:, 1]
     else:
