@@ -77,7 +77,8 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one, never half of it."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -120,7 +121,7 @@ def save_model(model: TriageModel, model_dir: str | Path, extra: dict | None = N
         "train": model.train_config.model_dump(),
         **(extra or {}),
     }
-    _atomic_write(model_dir / METADATA_FILE, json.dumps(metadata, ensure_ascii=False, indent=2,
+    atomic_write_bytes(model_dir / METADATA_FILE, json.dumps(metadata, ensure_ascii=False, indent=2,
                                                         default=str).encode("utf-8"))
     return metadata
 
@@ -145,7 +146,7 @@ def update_metadata(model_dir: str | Path, **fields) -> dict:
     """Add or replace top-level metadata fields (e.g. evaluation metrics) without touching the model file."""
     metadata = read_metadata(model_dir)
     metadata.update(fields)
-    _atomic_write(Path(model_dir) / METADATA_FILE,
+    atomic_write_bytes(Path(model_dir) / METADATA_FILE,
                   json.dumps(metadata, ensure_ascii=False, indent=2, default=str).encode("utf-8"))
     return metadata
 

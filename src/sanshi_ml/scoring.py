@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from sanshi_ml.artifacts import atomic_write_bytes
 from sanshi_ml.records import (CSV_SUFFIXES, EXCEL_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES, ColumnMap, RecordError,
                                canonical_frame, iter_table, resolve_columns)
 from sanshi_ml.suggest import STATUS_OK, Suggester, text_status
@@ -335,19 +336,6 @@ def estimate_rows(paths: Sequence[Path]) -> tuple[int | None, bool]:
 # Parts and checkpoints
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def part_paths(parts_dir: Path, index: int) -> tuple[Path, Path]:
     """The part file of chunk ``index`` and its checkpoint marker."""
     stem = PART_FORMAT.format(index)
@@ -372,7 +360,7 @@ def write_part(parts_dir: Path, chunk: Chunk, frame: pd.DataFrame, schema: pa.Sc
         raise
     done = {"chunk": chunk.index, "source": str(chunk.source), "row_offset": chunk.row_offset, "rows": len(frame),
             "status": dict(Counter(frame["status"].tolist()))}
-    _atomic_write_bytes(marker, json.dumps(done, ensure_ascii=False).encode("utf-8"))
+    atomic_write_bytes(marker, json.dumps(done, ensure_ascii=False).encode("utf-8"))
     return done
 
 
@@ -560,7 +548,7 @@ def _prepare_parts_dir(parts_dir: Path, fingerprint: dict, resume: bool, overwri
     if parts_dir.exists():
         shutil.rmtree(parts_dir)
     parts_dir.mkdir(parents=True)
-    _atomic_write_bytes(run_file, json.dumps({"fingerprint": fingerprint, "started_at": time.time()},
+    atomic_write_bytes(run_file, json.dumps({"fingerprint": fingerprint, "started_at": time.time()},
                                              ensure_ascii=False, indent=2).encode("utf-8"))
 
 
