@@ -88,10 +88,21 @@ def normalize_many(texts: Sequence[str], *, to_simplified: bool = True, pii: boo
     return [_after_nfkc(text, to_simplified, pii, lowercase) if text else "" for text in nfkc_many(texts)]
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _to_simplified(text: str) -> str:
+    """OpenCC t2s; a lone surrogate (possible in JSON input, never valid text) becomes U+FFFD instead of an error."""
+    try:
+        return _t2s().convert(text)
+    except UnicodeEncodeError:
+        return _t2s().convert(_LONE_SURROGATE.sub("\ufffd", text))
+
+
 def _after_nfkc(text: str, to_simplified: bool, pii: bool, lowercase: bool) -> str:
     text = strip_html(text)
     if to_simplified:
-        text = _t2s().convert(text)
+        text = _to_simplified(text)
     if pii:
         text = mask_pii(text)
     if lowercase:

@@ -99,3 +99,8 @@ def test_unknown_backend_is_a_clear_error():
 
 def test_pre_segmented_text_is_split_on_spaces_only():
     assert split_segmented("市 西湖 建筑 集团 占 道 施工  ,") == ["市", "西湖", "建筑", "集团", "占", "道", "施工"]
+
+
+def test_a_lone_surrogate_becomes_a_replacement_character_not_an_error():
+    # JSON input can carry "\ud800"; it is never valid text, and must not crash training or scoring.
+    assert normalize("电梯\ud800坏了") == "电梯\ufffd坏了"
