@@ -126,7 +126,7 @@ def evaluate_model(model: TriageModel, records: RecordSet, n_bins: int = 10,
         if target not in records.frame:
             continue
         labels = records.labels(target)
-        has = np.array([v is not None and v == v for v in labels])
+        has = records.has_label(target)
         if not has.any():
             continue
         pred = predictions[target]
@@ -253,7 +253,7 @@ def write_report(metrics: dict, records: RecordSet, predictions: dict[str, Targe
     out_dir.mkdir(parents=True, exist_ok=True)
     for target, m in metrics.items():
         labels = records.labels(target)
-        has = np.array([v is not None and v == v for v in labels])
+        has = records.has_label(target)
         pred = predictions[target]
         sub = TargetPredictions(pred.classes, pred.proba[has], pred.threshold)
         plot_confusion(labels[has], sub, target, out_dir / f"{target}_confusion.png")

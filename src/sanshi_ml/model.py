@@ -334,7 +334,8 @@ class TriageModel:
         groups = records.frame["group"].to_numpy()
         for target in records.targets:
             t0 = time.perf_counter()
-            self.heads[target] = self._fit_target(target, X, records.labels(target), groups)
+            self.heads[target] = self._fit_target(target, X, records.labels(target), records.has_label(target),
+                                                  groups)
             head = self.heads[target]
             say(f"target {target}: {len(head.classes)} labels, threshold {head.threshold:.3f} "
                 f"(held-out coverage {head.threshold_info.get('holdout_coverage', 0):.0%}), "
@@ -343,9 +344,9 @@ class TriageModel:
         self.__dict__.pop("_stacked", None)
         return self
 
-    def _fit_target(self, target: str, X: sp.csr_matrix, labels: np.ndarray, groups: np.ndarray) -> TargetHead:
+    def _fit_target(self, target: str, X: sp.csr_matrix, labels: np.ndarray, has_label: np.ndarray,
+                    groups: np.ndarray) -> TargetHead:
         cfg = self.train_config
-        has_label = np.array([label is not None and label == label and label != "" for label in labels])
         y = labels[has_label].astype(str)
         values, counts = np.unique(y, return_counts=True)
         too_rare = {str(v): int(c) for v, c in zip(values, counts) if c < cfg.min_label_rows}

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from sanshi_ml.config import ColumnsConfig
+from sanshi_ml.text import compose
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +112,14 @@ class RecordSet:
         """The texts a model sees: the segmented column if there is one, else title and text joined."""
         if self.segmented:
             return self.frame["segmented"].tolist()
-        return [compose_title_text(t, x) for t, x in zip(self.frame["title"], self.frame["text"])]
+        return [compose(t, x) for t, x in zip(self.frame["title"], self.frame["text"])]
 
     def labels(self, target: str) -> np.ndarray:
         return self.frame[target].to_numpy(dtype=object)
+
+    def has_label(self, target: str) -> np.ndarray:
+        """Which rows carry a label for ``target`` (loading turns empty cells into None)."""
+        return self.frame[target].notna().to_numpy()
 
     def content_hash(self) -> str:
         """sha256 over texts and labels, in row order: identifies the training data in metadata and MLflow."""
@@ -125,12 +130,6 @@ class RecordSet:
             digest.update("\x1f".join(row).encode("utf-8"))
             digest.update(b"\x1e")
         return digest.hexdigest()
-
-
-def compose_title_text(title: str | None, text: str | None) -> str:
-    from sanshi_ml.text import compose
-
-    return compose(title, text)
 
 
 # --------------------------------------------------------------------------------------------------------------------
