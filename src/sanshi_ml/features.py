@@ -123,23 +123,33 @@ class FastTfidf:
 
     @staticmethod
     def _index_words(vocabulary: dict[str, int], n_max: int) -> dict | None:
-        """Token ids for every part of every word n-gram, and the n-grams (2 and up) as integer keys."""
-        tokens: dict[str, int] = {}
-        by_length: dict[int, tuple[list[list[int]], list[int]]] = {}
-        for gram, column in vocabulary.items():
-            ids = [tokens.setdefault(part, len(tokens)) for part in gram.split(" ")]
-            keys, columns = by_length.setdefault(len(ids), ([], []))
-            keys.append(ids)
-            columns.append(column)
+        """Token ids for every part of every word n-gram, and the n-grams (2 and up) as integer keys.
+
+        Built with Arrow's string kernels: a loop in Python over half a million n-grams took over a second of every
+        scoring run's start-up.
+        """
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if not vocabulary:
+            return None
+        parts = pc.split_pattern(pa.array(list(vocabulary), type=pa.large_string()), " ")
+        lengths = pc.list_value_length(parts).to_numpy().astype(np.int64)
+        encoded = pc.dictionary_encode(pc.list_flatten(parts))  # ids in order of first appearance
+        token_ids = encoded.indices.to_numpy().astype(np.int64)
+        tokens = dict(zip(encoded.dictionary.to_pylist(), range(len(encoded.dictionary))))
+        all_columns = np.fromiter(vocabulary.values(), dtype=np.int64, count=len(vocabulary))
+        starts = np.cumsum(lengths) - lengths
         n_tokens = max(len(tokens), 1)
-        longest = max(by_length, default=1)
+        longest = int(lengths.max())
         if longest > n_max or n_tokens ** longest >= 2 ** 62:
             return None  # tokens with spaces in the vocabulary, or keys too large for int64: use sklearn's path
         unigram = np.full(n_tokens, -1, dtype=np.int64)
         grams = {}
-        for length, (ids, columns) in by_length.items():
-            ids_arr = np.asarray(ids, dtype=np.int64).reshape(len(ids), length)
-            cols = np.asarray(columns, dtype=np.int64)
+        for length in np.unique(lengths).tolist():
+            rows = np.flatnonzero(lengths == length)
+            ids_arr = token_ids[starts[rows][:, None] + np.arange(length)]
+            cols = all_columns[rows]
             if length == 1:
                 unigram[ids_arr[:, 0]] = cols
                 continue
@@ -220,8 +230,21 @@ class FastTfidf:
         n_docs = len(docs)
         lengths = np.fromiter(map(len, docs), dtype=np.int64, count=n_docs)
         flat = list(chain.from_iterable(docs))
+        return self._transform_flat(flat, np.repeat(np.arange(n_docs, dtype=np.int64), lengths), n_docs, raw)
+
+    def transform_joined(self, tokens: list[str], separators: np.ndarray, n_docs: int) -> sp.csr_matrix | None:
+        """:meth:`transform` of raw segmenter output for ``n_docs`` texts cut in one call (see
+        :meth:`sanshi_ml.text.Segmenter.raw_cut_joined`): ``separators`` are the positions of the tokens that end
+        each text but the last. The separators must be tokens the segmenter's filter drops."""
+        if self._keep is None:
+            raise ValueError("raw tokens need the segmenter's keep test (FastTfidf.from_union(..., keep=...))")
+        starts = np.zeros(len(tokens), dtype=np.int64)
+        starts[np.asarray(separators, dtype=np.int64)] = 1
+        return self._transform_flat(tokens, np.cumsum(starts), n_docs, raw=True)
+
+    def _transform_flat(self, flat: list[str], doc_of: np.ndarray, n_docs: int, raw: bool) -> sp.csr_matrix | None:
+        """The TF-IDF matrix of tokens ``flat``, token i belonging to text ``doc_of[i]`` (non-decreasing)."""
         gid = self._token_ids(flat)
-        doc_of = np.repeat(np.arange(n_docs, dtype=np.int64), lengths)
         if raw:
             kept = (self._flags[gid] & _DROPPED) == 0
             gid, doc_of = gid[kept], doc_of[kept]

@@ -115,11 +115,16 @@ class StackedHeads:
     Each head's ``CalibratedClassifierCV.predict_proba`` multiplies the feature matrix by its LinearSVC's weights
     separately; the weights are hundreds of MB and the product is memory-bound, so one pass over the matrix with
     all targets' weights side by side (one row of 48 numbers per feature instead of four scattered rows) is faster.
-    Each column is summed in the same order as in sklearn, and the calibration below is sklearn's
-    ``_CalibratedClassifier.predict_proba`` for the sigmoid method step for step, so the probabilities are equal
-    bit for bit (tests/code/test_fast_paths.py). The heads' ``coef_`` become views into the stacked array, so the
-    weights are held once. Anything else (isotonic or temperature calibration, ensembles) keeps sklearn's path.
+    The weights are held in float32, the features' own dtype: scipy would otherwise copy every batch's matrix to
+    float64, and the product reads half as many bytes (a 10,000-record batch: 18 → 10 µs per record). Decision
+    values move by at most ~1e-5 against float64 weights. The heads' ``coef_`` become views into the stacked
+    array, so the weights are held once and sklearn's own ``predict_proba`` on a head gives these probabilities
+    bit for bit: each column is summed in sklearn's order, and the calibration below is sklearn's
+    ``_CalibratedClassifier.predict_proba`` for the sigmoid method step for step (tests/code/test_fast_paths.py).
+    Anything else (isotonic or temperature calibration, ensembles) keeps sklearn's path.
     """
+
+    WEIGHT_DTYPE = np.float32
 
     def __init__(self, weights: np.ndarray, blocks: dict[str, tuple[int, int, object]]) -> None:
         self.weights = weights
@@ -141,12 +146,12 @@ class StackedHeads:
         if len(shapes) != 1:
             return None
         total = sum(estimator.coef_.shape[0] for _, estimator in parts.values())
-        weights = np.empty((shapes.pop(), total), dtype=np.float64)
+        weights = np.empty((shapes.pop(), total), dtype=cls.WEIGHT_DTYPE)
         blocks, start = {}, 0
         for name, (calibrated, estimator) in parts.items():
             end = start + estimator.coef_.shape[0]
             weights[:, start:end] = estimator.coef_.T
-            estimator.coef_ = weights[:, start:end].T  # same values, now a view: the weights are held once
+            estimator.coef_ = weights[:, start:end].T  # a view: the weights are held once
             blocks[name] = (start, end, calibrated)
             start = end
         return cls(weights, blocks)
@@ -274,7 +279,13 @@ class TriageModel:
         if not fast:
             return self.vectorizer.transform(self.tokens(texts))
         # The segmenter's raw tokens go straight to the fast path, which applies the filter's verdicts itself.
-        raw = self.segmenter.raw_cut_many(self.normalize_many(texts))
+        normalized = self.normalize_many(texts)
+        joined = self.segmenter.raw_cut_joined(normalized)
+        if joined is not None:
+            X = fast.transform_joined(*joined, n_docs=len(normalized))
+            if X is not None:
+                return X
+        raw = self.segmenter.raw_cut_many(normalized)
         X = fast.transform(raw, raw=True)
         return self.vectorizer.transform([self.segmenter.filter(t) for t in raw]) if X is None else X
 

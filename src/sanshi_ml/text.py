@@ -314,6 +314,32 @@ class Segmenter:
         cut = self._cut
         return [cut(text) if text else [] for text in texts]
 
+    JOIN = "\n"  # normalised texts hold no newline, and the segmenters give each one its own token
+
+    def raw_cut_joined(self, texts: Sequence[str]) -> tuple[list[str], list[int]] | None:
+        """The raw tokens of all ``texts`` from one call of the segmenter, texts joined by a newline.
+
+        Returns the tokens, the newlines among them included, and the positions of those newlines (text ``i``'s
+        tokens lie between the ``i-1``-th and ``i``-th); None when the texts cannot be told apart that way (a text
+        holds a newline, or the segmenter merged one into another token): then use :meth:`raw_cut_many`. Both
+        segmenters cut text in blocks that end at whitespace, so the tokens are those of the texts cut one by one
+        (tests/code/test_fast_paths.py), and one call instead of one per text saves rjieba a fifth of its time.
+        """
+        if self._cut is None:
+            self._build()
+        joined = self.JOIN.join(texts)
+        if not texts or joined.count(self.JOIN) != len(texts) - 1:
+            return None
+        tokens = self._cut(joined)
+        separators, find, at = [], tokens.index, -1
+        try:
+            for _ in range(len(texts) - 1):
+                at = find(self.JOIN, at + 1)  # list.index compares in C: a fraction of a Python loop's time
+                separators.append(at)
+        except ValueError:
+            return None
+        return tokens, separators
+
     def cut_many(self, texts: Sequence[str]) -> list[list[str]]:
         """:meth:`cut` for each normalised text."""
         if self._cut is None:
