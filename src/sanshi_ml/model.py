@@ -8,6 +8,7 @@ out-of-fold decision values), so every prediction carries a probability for each
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 from sklearn.calibration import CalibratedClassifierCV
+from sklearn.pipeline import FeatureUnion
 from sklearn.svm import LinearSVC
 
 from sanshi_ml.config import FeaturesConfig, TextConfig, TrainConfig
@@ -212,6 +214,49 @@ def _sigmoid_proba(calibrated, predictions: np.ndarray,
     return mean
 
 
+class _PackedStrings:
+    """Strings (or a str → int mapping) stored as one joined string plus an int array, for fast unpickling."""
+
+    SEPARATOR = "\x00"  # never inside a token: the segmenters split it off and the filter drops it
+
+    def __init__(self, joined: str, count: int, values: np.ndarray | None) -> None:
+        self.joined, self.count, self.values = joined, count, values
+
+    @classmethod
+    def pack(cls, strings: list[str] | dict[str, int]):
+        """Packed ``strings``, or the input itself when a string holds the separator or a key is not a str."""
+        if not all(isinstance(text, str) for text in strings):
+            return strings
+        joined = cls.SEPARATOR.join(strings)
+        if joined.count(cls.SEPARATOR) != max(len(strings) - 1, 0):
+            return strings
+        values = np.fromiter(strings.values(), dtype=np.int64, count=len(strings)) if isinstance(
+            strings, dict) else None
+        return cls(joined, len(strings), values)
+
+    @staticmethod
+    def unpack(packed):
+        """The list or dict that :meth:`pack` was given (anything not packed is returned as it is)."""
+        if not isinstance(packed, _PackedStrings):
+            return packed
+        strings = packed.joined.split(packed.SEPARATOR) if packed.count else []
+        return strings if packed.values is None else dict(zip(strings, packed.values.tolist()))
+
+
+def _with_vocabularies(union, convert: Callable):
+    """A shallow copy of a fitted feature union whose vectorisers' ``vocabulary_`` went through ``convert``."""
+    if not isinstance(union, FeatureUnion):
+        return union
+    copied = copy.copy(union)
+    copied.transformer_list = []
+    for name, vectorizer in union.transformer_list:
+        if hasattr(vectorizer, "vocabulary_"):
+            vectorizer = copy.copy(vectorizer)
+            vectorizer.vocabulary_ = convert(vectorizer.vocabulary_)
+        copied.transformer_list.append((name, vectorizer))
+    return copied
+
+
 class TriageModel:
     """Normalise → segment → TF-IDF → one calibrated linear classifier per target."""
 
@@ -237,11 +282,19 @@ class TriageModel:
         # with string hashing, so the same model would get a different artifact sha256 on every run.
         for name in _CONFIG_FIELDS:
             state[name] = state[name].model_dump()
+        # joblib unpickles in pure Python: the vocabularies' million short strings took two seconds of every load
+        # (a scoring run's start-up). One long string per vocabulary loads in milliseconds.
+        state["vectorizer"] = _with_vocabularies(state.get("vectorizer"), _PackedStrings.pack)
+        if isinstance(state.get("word_names"), np.ndarray):
+            state["word_names"] = _PackedStrings.pack(state["word_names"].tolist())
         return state
 
     def __setstate__(self, state: dict) -> None:
         for name, cls in _CONFIG_FIELDS.items():
             state[name] = cls.model_validate(state[name])
+        state["vectorizer"] = _with_vocabularies(state.get("vectorizer"), _PackedStrings.unpack)
+        if isinstance(state.get("word_names"), _PackedStrings):
+            state["word_names"] = np.asarray(_PackedStrings.unpack(state["word_names"]), dtype=object)
         self.__dict__.update(state)
 
     # ---------------------------------------------------------------------------------------------- text and features

@@ -97,3 +97,36 @@ def test_training_is_reproducible_bit_for_bit(repo_params, tmp_path):
         train([DEMO_CSV], params, model_dir=tmp_path / "model", progress=lambda _m: None, track=False)
         digests.append(sha256_file(tmp_path / "model" / "model.joblib"))
     assert digests[0] == digests[1]
+
+
+def test_vocabularies_are_packed_for_fast_loading_and_restored_exactly(demo_model_dir):
+    import pickle
+
+    import numpy as np
+
+    from sanshi_ml.model import TriageModel, _PackedStrings
+
+    model = load_model(demo_model_dir).model
+    state = model.__getstate__()
+    assert all(isinstance(v.vocabulary_, _PackedStrings) for _, v in state["vectorizer"].transformer_list)
+    assert isinstance(state["word_names"], _PackedStrings)
+    assert all(isinstance(v.vocabulary_, dict) for _, v in model.vectorizer.transformer_list)  # live model as it was
+    texts = ["小区电梯坏了一个多月物业不修", "楼上噪音扰民", ""]
+    expected, _ = model.predict(texts)
+    clone = pickle.loads(pickle.dumps(model))
+    old_layout = TriageModel.__new__(TriageModel)  # an artifact saved before packing: plain dicts and arrays
+    old_layout.__setstate__({**model.__getstate__(), "vectorizer": model.vectorizer, "word_names": model.word_names})
+    for other in (clone, old_layout):
+        for (_, mine), (_, theirs) in zip(model.vectorizer.transformer_list, other.vectorizer.transformer_list):
+            assert list(theirs.vocabulary_.items()) == list(mine.vocabulary_.items())  # same keys, same order
+        assert other.word_names.dtype == object and np.array_equal(other.word_names, model.word_names)
+        got, _ = other.predict(texts)
+        assert all(np.array_equal(got[t].proba, expected[t].proba) for t in expected)
+
+
+def test_strings_holding_the_separator_are_stored_unpacked():
+    from sanshi_ml.model import _PackedStrings
+
+    assert _PackedStrings.pack(["a\x00b", "c"]) == ["a\x00b", "c"]
+    assert _PackedStrings.unpack(_PackedStrings.pack({})) == {}
+    assert _PackedStrings.unpack(_PackedStrings.pack(["x"])) == ["x"]
