@@ -36,12 +36,55 @@ class ModelError(ValueError):
 
 
 @dataclass
+class ConformalSets:
+    """Split-conformal prediction sets for one target, calibrated on rows the classifier did not see.
+
+    The nonconformity score of a label is ``1 - p(label)`` (the LAC / "inverse probability" score). ``scores`` are
+    the held-out rows' scores of their true labels (sorted); ``threshold`` is the largest of them whose crepes
+    p-value (non-smoothed, ``(#{scores >= s} + 1) / (n + 1)``) is still at least ``1 - level``. A label is in a
+    record's set exactly when crepes' ``ConformalClassifier.predict_set`` would put it there, that is when
+    ``1 - p(label) <= threshold``: one comparison over the probability matrix, with no Python loop per record.
+    The sets are marginal (one threshold for all labels); they hold the true label for ``level`` of records on
+    average, not for every class separately. A set may be empty (no label is plausible enough) or hold several.
+    """
+
+    level: float
+    threshold: float
+    scores: np.ndarray
+    n_calibration: int
+
+    @classmethod
+    def fit(cls, true_label_proba: np.ndarray, level: float) -> ConformalSets:
+        """Calibrate on held-out rows' probabilities of their true labels (0 for a label the probe never saw)."""
+        from crepes import ConformalClassifier
+
+        scores = np.sort(1.0 - np.asarray(true_label_proba, dtype=np.float64))
+        n = len(scores)
+        if n == 0 or 1.0 / (n + 1) >= 1.0 - level:
+            # Too few held-out rows for this level: even the most unusual label would get a large enough p-value.
+            return cls(level=float(level), threshold=float("inf"), scores=scores, n_calibration=n)
+        p_values = ConformalClassifier().fit(scores).predict_p(scores, smoothing=False)
+        return cls(level=float(level), threshold=float(scores[p_values >= 1.0 - level].max()), scores=scores,
+                   n_calibration=n)
+
+    def mask(self, proba: np.ndarray) -> np.ndarray:
+        """Which labels are in each record's set (rows × labels, boolean)."""
+        return (1.0 - proba) <= self.threshold
+
+    def describe(self) -> dict:
+        threshold = self.threshold if np.isfinite(self.threshold) else None  # None: every label is always in the set
+        return {"level": self.level, "threshold": threshold, "n_calibration": self.n_calibration,
+                "score": "1 - p(label)", "sets": "marginal split conformal (crepes)"}
+
+
+@dataclass
 class TargetPredictions:
     """One target's predictions for a batch of texts."""
 
     classes: list[str]
     proba: np.ndarray
     threshold: float
+    conformal: ConformalSets | None = None
 
     @property
     def index(self) -> np.ndarray:
@@ -63,6 +106,29 @@ class TargetPredictions:
         order = np.argsort(-self.proba[row])[:k]
         return [(self.classes[i], float(self.proba[row, i])) for i in order]
 
+    @property
+    def plausible(self) -> np.ndarray | None:
+        """The conformal prediction sets as a rows × labels boolean matrix; None for a model without them."""
+        return None if self.conformal is None else self.conformal.mask(self.proba)
+
+    @property
+    def set_size(self) -> np.ndarray | None:
+        """How many labels each record's prediction set holds; None for a model without sets."""
+        plausible = self.plausible
+        return None if plausible is None else plausible.sum(axis=1)
+
+    def plausible_labels(self, row: int, plausible: np.ndarray | None = None) -> list[str] | None:
+        """One record's set, most probable label first (``plausible``: the matrix, if already computed)."""
+        plausible = self.plausible if plausible is None else plausible
+        if plausible is None:
+            return None
+        members = np.flatnonzero(plausible[row])
+        return [self.classes[i] for i in members[np.argsort(-self.proba[row, members], kind="stable")]]
+
+    def rows(self, index: np.ndarray) -> TargetPredictions:
+        """The predictions of some rows (a boolean mask or positions)."""
+        return TargetPredictions(self.classes, self.proba[index], self.threshold, self.conformal)
+
 
 @dataclass
 class TargetHead:
@@ -75,6 +141,12 @@ class TargetHead:
     threshold_info: dict = field(default_factory=dict)
     excluded_labels: dict[str, int] = field(default_factory=dict)
     n_train: int = 0
+    conformal: ConformalSets | None = None  # absent in models trained before prediction sets existed
+    temperature: float = 1.0  # train.recalibrate: applied to the calibrated probabilities (1: unchanged)
+
+    def recalibrated(self, proba: np.ndarray) -> np.ndarray:
+        """The classifier's calibrated probabilities after this head's temperature (see :func:`apply_temperature`)."""
+        return apply_temperature(proba, self.temperature)
 
     def linear_weights(self) -> np.ndarray:
         """Class-by-feature weights of the final linear model (for reason terms)."""
@@ -83,6 +155,55 @@ class TargetHead:
         if coef.shape[0] == 1:  # binary: one row of weights for the positive class
             coef = np.vstack([-coef[0], coef[0]])
         return np.asarray(coef, dtype=np.float32)
+
+    def uncalibrated_proba(self, X: sp.csr_matrix) -> np.ndarray:
+        """The final LinearSVC's decision values turned into probabilities by a plain softmax (a sigmoid for two
+        labels), with no calibration: the baseline the calibrated probabilities are compared with."""
+        calibrated = self.classifier.calibrated_classifiers_[0]
+        estimator = calibrated.estimator
+        decision = estimator.decision_function(X)
+        if decision.ndim == 1:  # binary: the decision value of classes_[1] against classes_[0]
+            decision = np.column_stack([np.zeros_like(decision), decision])
+        decision = decision - decision.max(axis=1, keepdims=True)
+        proba = np.exp(decision)
+        proba /= proba.sum(axis=1, keepdims=True)
+        out = np.zeros((X.shape[0], len(self.classes)))
+        fitted = np.asarray(estimator.classes_)
+        # sklearn fits the LinearSVC on the labels themselves, or (temperature scaling) on their codes.
+        columns = fitted if np.issubdtype(fitted.dtype, np.integer) else np.searchsorted(calibrated.classes, fitted)
+        out[:, columns] = proba
+        return out
+
+
+def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
+    """``softmax(log p / T)`` per row: T < 1 sharpens, T > 1 flattens, and no row's most probable label changes
+    (so accuracy and macro-F1 are untouched). ``T == 1`` returns ``proba`` itself."""
+    if temperature == 1.0:
+        return proba
+    z = np.log(np.maximum(proba, np.finfo(np.float64).tiny)) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def fit_temperature(proba: np.ndarray, true_column: np.ndarray) -> float:
+    """The temperature that minimises the negative log-likelihood of held-out rows' true labels under
+    :func:`apply_temperature` (rows whose label has no column, ``-1``, are left out)."""
+    from scipy.optimize import minimize_scalar
+
+    rows = np.flatnonzero(true_column >= 0)
+    if len(rows) == 0:
+        return 1.0
+    log_p = np.log(np.maximum(proba[rows], np.finfo(np.float64).tiny))
+    picked = true_column[rows]
+
+    def nll(log_t: float) -> float:
+        z = log_p / np.exp(log_t)
+        z -= z.max(axis=1, keepdims=True)
+        return float(-(z[np.arange(len(rows)), picked] - np.log(np.exp(z).sum(axis=1))).mean())
+
+    return float(np.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
 
 
 def choose_threshold(confidence: np.ndarray, correct: np.ndarray, target_accuracy: float) -> dict:
@@ -429,14 +550,21 @@ class TriageModel:
         fit_idx, hold_idx = grouped_stratified_split(g_t, y, cfg.threshold_holdout, seed=0)
         probe = self._fit_classifier(X_t[fit_idx], y[fit_idx])
         proba = probe.predict_proba(X_t[hold_idx])
+        column = {label: i for i, label in enumerate(probe.classes_)}
+        true_column = np.array([column.get(label, -1) for label in y[hold_idx]])  # -1: a label the probe never saw
+        temperature = fit_temperature(proba, true_column) if cfg.recalibrate == "temperature" else 1.0
+        proba = apply_temperature(proba, temperature)
         predicted = probe.classes_[proba.argmax(axis=1)]
         accuracy_goal = cfg.target_accuracy_by_target.get(target, cfg.target_accuracy)
         info = choose_threshold(proba.max(axis=1), predicted == y[hold_idx], accuracy_goal)
         info["target_accuracy"] = accuracy_goal
+        # The same held-out rows calibrate the prediction sets: each row's probability of its true label.
+        true_proba = np.where(true_column >= 0, proba[np.arange(len(hold_idx)), np.maximum(true_column, 0)], 0.0)
+        conformal = ConformalSets.fit(true_proba, cfg.conformal_level)
         final = self._fit_classifier(X_t, y)
         return TargetHead(name=target, classes=[str(c) for c in final.classes_], classifier=final,
                           threshold=info["threshold"], threshold_info=info, excluded_labels=too_rare,
-                          n_train=int(len(y)))
+                          n_train=int(len(y)), conformal=conformal, temperature=temperature)
 
     # ---------------------------------------------------------------------------------------------------- prediction
 
@@ -450,15 +578,26 @@ class TriageModel:
         if stacked is None:
             stacked = self._stacked = StackedHeads.build(self.heads) or False
         if stacked:
-            return {name: TargetPredictions(self.heads[name].classes, proba, self.heads[name].threshold)
-                    for name, proba in stacked.predict_proba(X).items()}
-        return {name: TargetPredictions(head.classes, head.classifier.predict_proba(X), head.threshold)
+            probas = stacked.predict_proba(X)
+        else:
+            probas = {name: head.classifier.predict_proba(X) for name, head in self.heads.items()}
+        return {name: TargetPredictions(head.classes, head.recalibrated(probas[name]), head.threshold,
+                                        head.conformal)
                 for name, head in self.heads.items()}
+
+    def uncalibrated_proba(self, X: sp.csr_matrix) -> dict[str, np.ndarray]:
+        """Per target, the probabilities before calibration (see :meth:`TargetHead.uncalibrated_proba`)."""
+        self._require_fitted()
+        return {name: head.uncalibrated_proba(X) for name, head in self.heads.items()}
+
+    def record_features(self, records: RecordSet) -> sp.csr_matrix:
+        """The feature matrix of loaded records, tokenised the way their format requires."""
+        self._require_fitted()
+        return self.transform_tokens(self.record_tokens(records))
 
     def predict_records(self, records: RecordSet) -> dict[str, TargetPredictions]:
         """Predictions for loaded records, tokenised the way their format requires."""
-        self._require_fitted()
-        return self.predict_features(self.transform_tokens(self.record_tokens(records)))
+        return self.predict_features(self.record_features(records))
 
     def predict(self, texts: Sequence[str]) -> tuple[dict[str, TargetPredictions], sp.csr_matrix]:
         """Predictions for raw texts, and the feature matrix (reused for reason terms)."""
@@ -492,6 +631,7 @@ class TriageModel:
     def describe(self) -> dict:
         """Targets, labels and thresholds, for metadata and the model-info endpoint."""
         return {name: {"labels": head.classes, "threshold": head.threshold, "threshold_info": head.threshold_info,
-                       "excluded_labels": head.excluded_labels, "n_train": head.n_train}
+                       "excluded_labels": head.excluded_labels, "n_train": head.n_train,
+                       "conformal": head.conformal.describe() if head.conformal is not None else None}
                 for name, head in self.heads.items()}
 

@@ -163,8 +163,11 @@ def test_stacked_heads_give_sklearns_probabilities_bit_for_bit_binary_heads_too_
     float64_weights = {name: head.classifier.predict_proba(X) for name, head in model.heads.items()}
     predictions = model.predict_features(X)
     assert isinstance(model._stacked, StackedHeads) and model.heads["public"].classes == ["否", "是"]
+    stacked = model._stacked.predict_proba(X)
     for name, proba in float64_weights.items():
-        got = predictions[name].proba
+        got = stacked[name]
+        # the model's probabilities are the calibrated ones after the head's temperature (train.recalibrate)
+        assert np.array_equal(predictions[name].proba, model.heads[name].recalibrated(got))
         # sklearn's own path on the heads, whose weights are now float32 views into the stacked array: bit for bit
         assert np.array_equal(model.heads[name].classifier.predict_proba(X), got)
         # and against the float64 weights they were trained with: the same labels, probabilities within 1e-5
