@@ -1,5 +1,6 @@
-"""Evaluation: per-target and per-class metrics, calibration (ECE), accuracy and coverage at the review threshold,
-selective-prediction curves, per-slice metrics, K-fold cross-validation, and the plots.
+"""Evaluation: per-target and per-class metrics, calibration (ECE before and after calibration), accuracy and
+coverage at the review threshold, selective prediction (risk–coverage area, accuracy at fixed coverages, coverage at
+fixed accuracies), conformal prediction sets, per-slice metrics, K-fold cross-validation, and the plots.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from sanshi_ml.model import TargetPredictions, TriageModel
+from sanshi_ml.model import TargetPredictions, TriageModel, choose_threshold
 from sanshi_ml.plotting import pyplot
 from sanshi_ml.records import RecordSet, fold_indices, subset
 
@@ -21,7 +23,9 @@ log = logging.getLogger(__name__)
 
 SHORT_TEXT_CHARS = 50
 RARE_CLASS_SHARE = 0.05
-HEADLINE_KEYS = ("accuracy", "macro_f1", "ece", "coverage_at_threshold", "accuracy_at_threshold")
+HEADLINE_KEYS = ("accuracy", "macro_f1", "ece", "coverage_at_threshold", "accuracy_at_threshold", "aurc")
+SELECTIVE_COVERAGES = (0.8, 0.9)  # accuracy of the most confident 80% and 90% of predictions
+SELECTIVE_ACCURACIES = (0.95, 0.98)  # the largest share of predictions that can be accepted at 95% and 98% accuracy
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> float:
@@ -62,8 +66,77 @@ def coverage_curve(confidence: np.ndarray, correct: np.ndarray, points: int = 21
     return out
 
 
-def target_metrics(y_true: np.ndarray, pred: TargetPredictions, n_bins: int = 10) -> dict:
-    """Everything metrics.json holds for one target."""
+def _expected_correct(confidence: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """Correctness in order of falling confidence, each run of equal confidences replaced by its mean: the expected
+    value when ties are broken at random, so the curves below do not depend on the order of tied rows."""
+    order = np.argsort(-confidence, kind="stable")
+    conf = confidence[order]
+    hits = correct[order].astype(float)
+    starts = np.flatnonzero(np.r_[True, conf[1:] != conf[:-1]])
+    sums = np.add.reduceat(hits, starts)
+    sizes = np.diff(np.r_[starts, len(conf)])
+    return np.repeat(sums / sizes, sizes)
+
+
+def selective_metrics(confidence: np.ndarray, correct: np.ndarray) -> dict:
+    """Selective prediction: accept the most confident predictions first and measure what that buys.
+
+    - ``aurc``: area under the risk–coverage curve, i.e. the selective risk (error rate of the accepted
+      predictions) averaged over every coverage 1/n, 2/n, …, 1. Lower is better; ``aurc_optimal`` is the area a
+      perfect ranking (every error last) would reach with the same errors, so ``aurc - aurc_optimal`` is what the
+      confidence ranking loses.
+    - ``accuracy_at_coverage``: accuracy of the most confident 80% / 90% of predictions.
+    - ``coverage_at_accuracy``: the largest share of predictions, most confident first and never splitting equal
+      confidences, whose accuracy is at least 95% / 98% (the rule that chooses the review threshold, applied to these
+      rows); 0 when no prefix reaches it.
+    """
+    n = len(confidence)
+    if n == 0:
+        return {"aurc": None, "aurc_optimal": None, "accuracy_at_coverage": {}, "coverage_at_accuracy": {}}
+    correct = np.asarray(correct, dtype=bool)
+    ranks = np.arange(1, n + 1)
+    risk = 1.0 - np.cumsum(_expected_correct(confidence, correct)) / ranks
+    optimal = 1.0 - np.minimum(ranks, correct.sum()) / ranks
+    accuracy_at = {}
+    for coverage in SELECTIVE_COVERAGES:
+        k = max(1, int(np.ceil(coverage * n - 1e-9)))
+        accuracy_at[str(coverage)] = float(1.0 - risk[k - 1])
+    coverage_at = {str(level): float(choose_threshold(confidence, correct, level)["holdout_coverage"])
+                   for level in SELECTIVE_ACCURACIES}
+    return {"aurc": float(risk.mean()), "aurc_optimal": float(optimal.mean()), "accuracy_at_coverage": accuracy_at,
+            "coverage_at_accuracy": coverage_at}
+
+
+def conformal_metrics(y_true: np.ndarray, pred: TargetPredictions) -> dict | None:
+    """How the conformal prediction sets behave on labelled rows; None for a model without sets.
+
+    ``coverage`` is the share of rows whose set holds the true label (the level is the promise); ``mean_set_size``,
+    ``single_label_share`` and ``empty_share`` say how informative the sets are, and ``accuracy_when_single`` how often
+    the one label of a single-label set is right.
+    """
+    plausible = pred.plausible
+    if plausible is None or len(y_true) == 0:
+        return None
+    column = {label: i for i, label in enumerate(pred.classes)}
+    true_column = np.array([column.get(label, -1) for label in y_true])
+    known = true_column >= 0
+    covered = np.zeros(len(y_true), dtype=bool)
+    covered[known] = plausible[np.flatnonzero(known), true_column[known]]
+    size = plausible.sum(axis=1)
+    single = size == 1
+    return {"level": pred.conformal.level, "coverage": float(covered.mean()), "mean_set_size": float(size.mean()),
+            "single_label_share": float(single.mean()), "empty_share": float((size == 0).mean()),
+            "accuracy_when_single": float(covered[single].mean()) if single.any() else None,
+            "n_calibration": pred.conformal.n_calibration}
+
+
+def target_metrics(y_true: np.ndarray, pred: TargetPredictions, n_bins: int = 10,
+                   uncalibrated_proba: np.ndarray | None = None) -> dict:
+    """Everything metrics.json holds for one target.
+
+    ``uncalibrated_proba``: the same rows' probabilities before calibration (softmax of the LinearSVC's decision
+    values), for ``ece_uncalibrated`` and the "before" curve of the reliability diagram.
+    """
     y_true = np.asarray(y_true, dtype=object).astype(str)
     y_pred = pred.labels.astype(str)
     correct = y_true == y_pred
@@ -73,6 +146,12 @@ def target_metrics(y_true: np.ndarray, pred: TargetPredictions, n_bins: int = 10
                                                                      zero_division=0)
     accepted = ~pred.needs_review
     unseen = sorted(set(y_true) - set(pred.classes))
+    uncalibrated = {}
+    if uncalibrated_proba is not None:
+        raw = TargetPredictions(pred.classes, uncalibrated_proba, pred.threshold)
+        raw_correct = y_true == raw.labels.astype(str)
+        uncalibrated = {"ece_uncalibrated": expected_calibration_error(raw.confidence, raw_correct, n_bins),
+                        "reliability_uncalibrated": reliability_table(raw.confidence, raw_correct, n_bins)}
     return {
         "n": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
@@ -87,6 +166,9 @@ def target_metrics(y_true: np.ndarray, pred: TargetPredictions, n_bins: int = 10
                               "support": int(s)} for label, p, r, f, s in zip(labels, precision, recall, f1, support)},
         "labels_unknown_to_model": unseen,
         "reliability": reliability_table(confidence, correct, n_bins),
+        **uncalibrated,
+        **selective_metrics(confidence, correct),
+        "conformal": conformal_metrics(y_true, pred),
         "coverage_curve": coverage_curve(confidence, correct),
     }
 
@@ -117,10 +199,18 @@ def slice_metrics(records: RecordSet, target: str, pred: TargetPredictions) -> d
 
 
 def evaluate_model(model: TriageModel, records: RecordSet, n_bins: int = 10,
-                   predictions: dict[str, TargetPredictions] | None = None) -> dict:
-    """Metrics for every target the model and the records share, on the rows that carry that label."""
+                   predictions: dict[str, TargetPredictions] | None = None,
+                   features: sp.csr_matrix | None = None) -> dict:
+    """Metrics for every target the model and the records share, on the rows that carry that label.
+
+    ``features`` (the records' feature matrix, if the caller has it) saves transforming the texts again; it gives
+    the uncalibrated probabilities behind ``ece_uncalibrated`` and, if ``predictions`` is not given, the predictions.
+    """
+    if features is None:
+        features = model.record_features(records)
     if predictions is None:
-        predictions = model.predict_records(records)
+        predictions = model.predict_features(features)
+    uncalibrated = model.uncalibrated_proba(features)
     out = {}
     for target in model.targets:
         if target not in records.frame:
@@ -129,9 +219,8 @@ def evaluate_model(model: TriageModel, records: RecordSet, n_bins: int = 10,
         has = records.has_label(target)
         if not has.any():
             continue
-        pred = predictions[target]
-        sub_pred = TargetPredictions(pred.classes, pred.proba[has], pred.threshold)
-        metrics = target_metrics(labels[has], sub_pred, n_bins)
+        sub_pred = predictions[target].rows(has)
+        metrics = target_metrics(labels[has], sub_pred, n_bins, uncalibrated[target][has])
         metrics["slices"] = slice_metrics(subset(records, np.flatnonzero(has)), target, sub_pred)
         out[target] = metrics
     return out
@@ -142,6 +231,10 @@ def headline(metrics: dict) -> dict:
     return {target: {k: m.get(k) for k in HEADLINE_KEYS} for target, m in metrics.items()}
 
 
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def summary_lines(metrics: dict) -> list[str]:
     lines = []
     for target, m in metrics.items():
@@ -149,6 +242,17 @@ def summary_lines(metrics: dict) -> list[str]:
         lines.append(f"{target:>10}: accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}  ECE {m['ece']:.3f}  "
                      f"| auto-accepted {m['coverage_at_threshold']:.0%} at {at if at is None else round(at, 3)} "
                      f"accuracy (threshold {m['threshold']:.2f})  n={m['n']}")
+        if "aurc" not in m:
+            continue
+        acc_at, cov_at = m.get("accuracy_at_coverage", {}), m.get("coverage_at_accuracy", {})
+        line = (f"{'':>10}  ECE before calibration {_fmt(m.get('ece_uncalibrated'))}  AURC {_fmt(m['aurc'], '.4f')}"
+                "  | accuracy at coverage " + " ".join(f"{float(c):.0%}: {_fmt(v)}" for c, v in acc_at.items())
+                + "  | coverage at accuracy " + " ".join(f"{float(a):.0%}: {_fmt(v, '.1%')}" for a, v in cov_at.items()))
+        conformal = m.get("conformal")
+        if conformal:
+            line += (f"  | {conformal['level']:.0%} sets: coverage {conformal['coverage']:.3f}, mean size "
+                     f"{conformal['mean_set_size']:.2f}, single-label {conformal['single_label_share']:.1%}")
+        lines.append(line)
     return lines
 
 
@@ -208,20 +312,28 @@ def plot_confusion(y_true: np.ndarray, pred: TargetPredictions, title: str, path
 
 
 def plot_reliability(metrics: dict, title: str, path: Path) -> None:
+    """The reliability diagram: accuracy against confidence per bin, after calibration and (if measured) before it,
+    with each bin's row count."""
     plt = pyplot()
-    rows = [r for r in metrics["reliability"] if r["count"]]
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
-    ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], marker="o", label="model")
-    for r in rows:
-        ax.annotate(str(r["count"]), (r["confidence"], r["accuracy"]), fontsize=7, textcoords="offset points",
-                    xytext=(3, -9))
+    curves = [("reliability", f"calibrated (ECE {metrics['ece']:.3f})", "tab:blue", "o")]
+    if metrics.get("reliability_uncalibrated"):
+        curves.insert(0, ("reliability_uncalibrated", f"uncalibrated softmax (ECE {metrics['ece_uncalibrated']:.3f})",
+                          "tab:orange", "s"))
+    for key, label, colour, marker in curves:
+        rows = [r for r in metrics[key] if r["count"]]
+        ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], marker=marker, color=colour,
+                label=label)
+        for r in rows:
+            ax.annotate(str(r["count"]), (r["confidence"], r["accuracy"]), fontsize=7, textcoords="offset points",
+                        xytext=(3, -9), color=colour)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("置信度 (confidence)")
     ax.set_ylabel("准确率 (accuracy)")
-    ax.set_title(f"{title}: 可靠性图  ECE={metrics['ece']:.3f}")
-    ax.legend(loc="upper left")
+    ax.set_title(f"{title}: 可靠性图 校准前后 (before/after calibration)", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -238,7 +350,8 @@ def plot_coverage(metrics: dict, title: str, path: Path) -> None:
     ax.set_xlabel("自动接受比例 (coverage)")
     ax.set_ylabel("准确率 (accuracy)")
     ax.set_xlim(0, 1.02)
-    ax.set_title(f"{title}: 覆盖率-准确率曲线")
+    aurc = metrics.get("aurc")
+    ax.set_title(f"{title}: 覆盖率-准确率曲线" + (f"  AURC={aurc:.4f}" if aurc is not None else ""))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
     fig.tight_layout()
@@ -254,9 +367,7 @@ def write_report(metrics: dict, records: RecordSet, predictions: dict[str, Targe
     for target, m in metrics.items():
         labels = records.labels(target)
         has = records.has_label(target)
-        pred = predictions[target]
-        sub = TargetPredictions(pred.classes, pred.proba[has], pred.threshold)
-        plot_confusion(labels[has], sub, target, out_dir / f"{target}_confusion.png")
+        plot_confusion(labels[has], predictions[target].rows(has), target, out_dir / f"{target}_confusion.png")
         plot_reliability(m, target, out_dir / f"{target}_reliability.png")
         plot_coverage(m, target, out_dir / f"{target}_coverage.png")
         pd.DataFrame(m["coverage_curve"]).to_csv(out_dir / f"{target}_coverage.csv", index=False)

@@ -152,9 +152,13 @@ def run_metrics(metrics: dict) -> dict[str, float]:
             out[metric_key(*parts)] = float(value)
 
     for target, m in metrics.items():
-        for key in ("accuracy", "macro_f1", "weighted_f1", "ece", "threshold", "coverage_at_threshold",
-                    "accuracy_at_threshold", "n", "n_accepted"):
+        for key in ("accuracy", "macro_f1", "weighted_f1", "ece", "ece_uncalibrated", "threshold",
+                    "coverage_at_threshold", "accuracy_at_threshold", "n", "n_accepted", "aurc", "aurc_optimal"):
             put(m.get(key), target, key)
+        # Selective prediction and prediction sets: category.accuracy_at_coverage.0.9, category.conformal.coverage …
+        for group in ("accuracy_at_coverage", "coverage_at_accuracy", "conformal"):
+            for key, value in (m.get(group) or {}).items():
+                put(value, target, group, key)
         for label, stats in m.get("per_class", {}).items():
             for stat in ("f1", "precision", "recall", "support"):
                 put(stats.get(stat), target, stat, label)

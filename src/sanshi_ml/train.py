@@ -42,7 +42,8 @@ def column_map(params: Params) -> ColumnMap:
 def _policy_record(params: Params) -> dict:
     policy = load_policy(params.policy.path, params.policy.sanshi_target, params.policy.unit_target)
     return {"path": params.policy.path, "name": policy.name, "version": policy.version, "sha256": policy.sha256,
-            "sanshi_target": policy.sanshi_target, "unit_target": policy.unit_target}
+            "sanshi_target": policy.sanshi_target, "unit_target": policy.unit_target,
+            "review_rule": params.policy.review_rule}
 
 
 def train(data: Sequence[str | Path], params: Params, model_dir: str | Path | None = None,
@@ -60,8 +61,9 @@ def train(data: Sequence[str | Path], params: Params, model_dir: str | Path | No
         f"(seed {params.split.seed}, duplicates kept together)")
     model = TriageModel(params.text, params.features, params.train).fit(subset(records, train_idx), progress=say)
     test = subset(records, test_idx)
-    predictions = model.predict_records(test)
-    metrics = evaluate_model(model, test, params.evaluate.reliability_bins, predictions)
+    features = model.record_features(test)
+    predictions = model.predict_features(features)
+    metrics = evaluate_model(model, test, params.evaluate.reliability_bins, predictions, features)
     metadata = save_model(model, model_dir, extra={
         "data": {"sources": [str(p) for p in data], "sha256": records.content_hash(),
                  "load_report": records.report.as_dict(), "n_train": len(train_idx), "n_test": len(test_idx)},
@@ -93,8 +95,9 @@ def evaluate(data: Sequence[str | Path], model_dir: str | Path, out_dir: str | P
         say(line)
     scope, rows = _evaluation_rows(records, loaded)
     say(f"evaluating on {scope}: {len(rows)} rows")
-    predictions = loaded.model.predict_records(rows)
-    metrics = evaluate_model(loaded.model, rows, params.evaluate.reliability_bins, predictions)
+    features = loaded.model.record_features(rows)
+    predictions = loaded.model.predict_features(features)
+    metrics = evaluate_model(loaded.model, rows, params.evaluate.reliability_bins, predictions, features)
     extra: dict = {"model_dir": str(model_dir), "model_version": loaded.version, "scope": scope,
                    "data_sha256": records.content_hash()}
     if cv:
