@@ -318,8 +318,14 @@ class FieldSuggestion(_Out):
     confidence: float = Field(ge=0, le=1, description="calibrated probability of the suggested label")
     threshold: float = Field(description="confidence below which a person must review (above 1: always)")
     needs_review: bool
-    review_reasons: list[Literal["low_confidence", "policy_conflict"]]
+    review_reasons: list[Literal["low_confidence", "ambiguous", "policy_conflict"]] = Field(
+        description="low_confidence: below the threshold; ambiguous: the prediction set holds several labels or "
+                    "none; policy_conflict: the 三事 class and the unit contradict the 责任清单")
     top_k: list[LabelProbability]
+    plausible: list[str] | None = Field(None, description="the conformal prediction set, most probable first: the "
+                                                          "labels that hold the true one for the model's set level "
+                                                          "(90% by default) of requests; null for a model without "
+                                                          "sets")
     reasons: list[str] = Field(description="the words that pushed most towards the label")
     sanshi: SanshiInfo | None = Field(None, description="only on the 三事 target")
 

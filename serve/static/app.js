@@ -6,6 +6,7 @@ const KEY_STORAGE = "sanshi-api-key";
 const FALLBACK_NAMES = { category: "一级分类", sanshi: "三事类别", unit: "承办单位", appeal: "诉求类型" };
 const REVIEW_REASONS = {
   low_confidence: "置信度低于复核阈值",
+  ambiguous: "不止一个标签都有可能（或没有一个足够可信）",
   policy_conflict: "三事类别与承办单位在责任清单中不一致",
 };
 

@@ -225,6 +225,9 @@ def predict(
                 s = field["sanshi"]
                 extra = f"  [{s['colour']} · {s['handling_mode']} · {s['time_limit_days']}天]"
             reasons = f"  依据: {'、'.join(field['reasons'])}" if field["reasons"] else ""
+            plausible = field.get("plausible")
+            if plausible is not None and plausible != [field["label"]]:
+                reasons += f"  可能: {'/'.join(plausible) or '(无)'}"
             typer.echo(f"  {name:>9}: {field['label']} ({field['confidence']:.2f}){extra}{flag}{reasons}")
 
 

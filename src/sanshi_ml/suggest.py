@@ -1,12 +1,19 @@
 """Suggestions: the model's predictions with the triage policy applied.
 
 This is the one place where probabilities become what a clerk or an archive sees: chosen label, confidence,
-``needs_review``, top-k, reason terms, and the 三事 class's colour, handling mode and time limit. The CLI's
-``predict``, the server and batch scoring all call it, so one record gets the same answer everywhere.
+``needs_review``, top-k, the conformal prediction set (``plausible``), reason terms, and the 三事 class's colour,
+handling mode and time limit. The CLI's ``predict``, the server and batch scoring all call it, so one record gets the
+same answer everywhere.
+
+What sends a field to review is ``policy.review_rule`` (recorded with the model): ``threshold`` (its confidence is
+below the target's review threshold), ``set`` (its prediction set does not hold exactly one label: several are
+plausible, or none is) or ``both`` (either); a policy conflict always does, for the 三事 and unit fields. A model
+trained before prediction sets existed has none, and falls back to the threshold.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,9 +25,13 @@ from sanshi_ml.model import TargetPredictions, TriageModel
 from sanshi_ml.policy import TriagePolicy, load_policy
 from sanshi_ml.text import compose
 
+log = logging.getLogger(__name__)
+
 STATUS_OK = "ok"
 REVIEW_LOW_CONFIDENCE = "low_confidence"
 REVIEW_POLICY_CONFLICT = "policy_conflict"
+REVIEW_AMBIGUOUS = "ambiguous"  # the prediction set holds several labels, or none
+REVIEW_RULES = ("threshold", "set", "both")
 
 
 def text_status(value: object, max_chars: int) -> str:
@@ -45,9 +56,27 @@ class Batch:
     predictions: dict[str, TargetPredictions]
     policy_conflict: np.ndarray
     policy_targets: frozenset[str] = frozenset()  # the targets a policy conflict sends to review
+    review_rule: str = "threshold"
+
+    def low_confidence(self, target: str) -> np.ndarray | None:
+        """Rows whose confidence is below the threshold, if the rule (or a model without sets) looks at it."""
+        pred = self.predictions[target]
+        if self.review_rule == "set" and pred.conformal is not None:
+            return None
+        return pred.needs_review
+
+    def ambiguous(self, target: str, plausible: np.ndarray | None = None) -> np.ndarray | None:
+        """Rows whose prediction set does not hold exactly one label, if the rule looks at sets and the model has
+        them (``plausible``: the target's set matrix, if already computed)."""
+        pred = self.predictions[target]
+        if self.review_rule == "threshold" or pred.conformal is None:
+            return None
+        plausible = pred.plausible if plausible is None else plausible
+        return plausible.sum(axis=1) != 1
 
     def needs_review(self, target: str) -> np.ndarray:
-        flagged = self.predictions[target].needs_review
+        flags = [f for f in (self.low_confidence(target), self.ambiguous(target)) if f is not None]
+        flagged = flags[0] | flags[1] if len(flags) == 2 else flags[0]
         return flagged | self.policy_conflict if target in self.policy_targets else flagged
 
 
@@ -55,13 +84,21 @@ class Suggester:
     """A loaded model plus a 责任清单: turns texts into suggestions."""
 
     def __init__(self, model: TriageModel, policy: TriagePolicy, version: str = "unversioned",
-                 metadata: dict | None = None) -> None:
+                 metadata: dict | None = None, review_rule: str | None = None) -> None:
         self.model = model
         self.policy = policy
         self.version = version
         self.metadata = metadata or {}
         self.sanshi_target = policy.sanshi_target if policy.sanshi_target in model.heads else None
         self.unit_target = policy.unit_target if policy.unit_target in model.heads else None
+        # The rule recorded with the model (policy.review_rule at training) unless one is given.
+        self.review_rule = review_rule or (self.metadata.get("policy") or {}).get("review_rule") or "threshold"
+        if self.review_rule not in REVIEW_RULES:
+            raise ValueError(f"review_rule must be one of {', '.join(REVIEW_RULES)}; got {self.review_rule!r}")
+        without_sets = [name for name, head in model.heads.items() if getattr(head, "conformal", None) is None]
+        if self.review_rule != "threshold" and without_sets:
+            log.warning("review rule %r: targets %s have no prediction sets (model trained before them); their "
+                        "review follows the confidence threshold", self.review_rule, without_sets)
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, policy_path: str | None = None) -> Suggester:
@@ -85,7 +122,7 @@ class Suggester:
         else:
             conflict = np.zeros(len(texts), dtype=bool)
         bound = frozenset(t for t in (self.sanshi_target, self.unit_target) if t)
-        return Batch(predictions, conflict, bound), X
+        return Batch(predictions, conflict, bound, self.review_rule), X
 
     # ------------------------------------------------------------------------------------------------ one by one
 
@@ -96,6 +133,9 @@ class Suggester:
         batch, X = self.predict(texts)
         reasons = {t: self.model.reason_terms(X, t, batch.predictions[t].index) if explain else None
                    for t in self.targets}
+        plausible = {t: batch.predictions[t].plausible for t in self.targets}
+        low = {t: batch.low_confidence(t) for t in self.targets}
+        ambiguous = {t: batch.ambiguous(t, plausible[t]) for t in self.targets}
         out = []
         for row in range(len(texts)):
             fields = {}
@@ -103,8 +143,10 @@ class Suggester:
                 pred = batch.predictions[target]
                 confidence = float(pred.confidence[row])
                 review_reasons = []
-                if pred.needs_review[row]:
+                if low[target] is not None and low[target][row]:
                     review_reasons.append(REVIEW_LOW_CONFIDENCE)
+                if ambiguous[target] is not None and ambiguous[target][row]:
+                    review_reasons.append(REVIEW_AMBIGUOUS)
                 if batch.policy_conflict[row] and target in batch.policy_targets:
                     review_reasons.append(REVIEW_POLICY_CONFLICT)
                 item = {
@@ -114,6 +156,7 @@ class Suggester:
                     "needs_review": bool(review_reasons),
                     "review_reasons": review_reasons,
                     "top_k": [{"label": label, "probability": p} for label, p in pred.top_k(row, top_k)],
+                    "plausible": pred.plausible_labels(row, plausible[target]),
                     "reasons": reasons[target][row] if reasons[target] is not None else [],
                 }
                 if target == self.sanshi_target:
