@@ -149,6 +149,48 @@ def train(
 
 @app.command()
 @friendly_errors
+def tune(
+    data: Annotated[list[Path] | None, typer.Argument(help="labelled export(s): CSV, Excel, Parquet or JSONL")] = None,
+    text_cols: TextColsOpt = None, segmented_col: SegmentedOpt = None, target: TargetOpt = None,
+    id_col: IdOpt = None, time_col: TimeOpt = None, params_file: ParamsOpt = None,
+    rank_by: Annotated[str | None, typer.Option(
+        "--rank-by", help="target whose cross-validated macro-F1 ranks the settings (default: tune.target)")] = None,
+    cv: Annotated[int | None, typer.Option("--cv", min=2, help="folds per setting (default: tune.cv)")] = None,
+    n_trials: Annotated[int | None, typer.Option("--n-trials", min=1, help="settings to try (default: tune.n_trials)")]
+    = None,
+    out: Annotated[Path, typer.Option("--out", help="params file written with the best setting")]
+    = Path("params.tuned.yaml"),
+    track: Annotated[bool | None, typer.Option("--track/--no-track", help="log the search to MLflow")] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Search tune.space in params.yaml by cross-validation on the training split; write the best as a params file."""
+    _setup_logging(verbose)
+    from sanshi_ml.records import load_many, split_indices, subset
+    from sanshi_ml.train import column_map
+    from sanshi_ml.tune import tune as run_tune
+    from sanshi_ml.tune import write_best
+
+    params = build_params(params_file, text_cols, segmented_col, target, id_col, time_col)
+    if not params.tune.space:
+        raise UsageError("tune.space in the params file is empty: give the values to try, e.g. "
+                         "'train.C: [0.3, 0.7, 1.5]' (see docs/analysts.md)")
+    records = load_many([str(p) for p in (data or [Path(params.data.path)])], column_map(params))
+    # The held-out split that train evaluates on is left out, so the winner is chosen on training rows only.
+    train_idx, _ = split_indices(records, params.split.test_size, params.split.seed, params.split.stratify_target)
+    say = lambda m: typer.echo(m, err=True)  # noqa: E731
+    say(f"tuning on the {len(train_idx)} training rows of the split (the held-out rows stay unseen)")
+    result = run_tune(subset(records, train_idx), params, target=rank_by, cv=cv, n_trials=n_trials, track=track,
+                      progress=say)
+    for line in result.lines():
+        typer.echo(line)
+    path = write_best(result, params, out)
+    typer.echo(f"best setting written to {path}: train with `sanshi-ml train --params {path}`")
+    if result.parent_run_id:
+        typer.echo(f"MLflow: parent run {result.parent_run_id}, one nested run per setting")
+
+
+@app.command()
+@friendly_errors
 def evaluate(
     data: Annotated[list[Path] | None, typer.Argument(help="labelled export(s) to evaluate on")] = None,
     model_dir: ModelDirOpt = None,

@@ -122,6 +122,15 @@ class TrainConfig(_Section):
         return self
 
 
+class TuneConfig(_Section):
+    target: str | None = Field(None, description="the target whose cross-validated macro-F1 ranks the settings; "
+                                                 "None: the first target")
+    cv: int = Field(3, ge=2, description="cross-validation folds per setting (duplicates kept together)")
+    n_trials: int = Field(12, ge=1, description="settings tried; a smaller space is searched exhaustively")
+    seed: int = 0
+    space: dict[str, list[Any]] = Field(default_factory=dict, description="dotted parameter -> values to try")
+
+
 class EvaluateConfig(_Section):
     out_dir: str = "reports/demo"
     cv: int = Field(0, ge=0, description="K-fold cross-validation; 0 evaluates the held-out split only")
@@ -168,6 +177,7 @@ class Params(_Section):
     text: TextConfig = Field(default_factory=TextConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

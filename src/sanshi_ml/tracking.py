@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -289,6 +290,64 @@ def log_training_run(result: TrainResult, params: Params, predictions: dict[str,
         raise TrackingError(f"MLflow ({tracking_uri(params)}): {error.message}") from error
     log.info("logged MLflow run %s to %s", run_id, tracking_uri(params))
     return run_id
+
+
+class TuningLog:
+    """A ``sanshi-ml tune`` search in MLflow: one parent run, one nested run per setting (params + CV metrics)."""
+
+    def __init__(self, params: Params, *, target: str, cv: int, n_settings: int) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+        self._entities = (Metric, Param, RunTag, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME)
+        self.params = params
+        try:
+            self.client = _client(params)
+            self.experiment_id = _experiment_id(self.client, params.tracking.experiment)
+            run = self.client.create_run(self.experiment_id, run_name=f"tune-{target}-cv{cv}",
+                                         tags={"sanshi.kind": "tune", "tune.target": target})
+            self.parent_id = run.info.run_id
+            self.client.log_batch(self.parent_id, params=[Param(k, v) for k, v in {
+                "tune.target": target, "tune.cv": str(cv), "tune.n_settings": str(n_settings),
+                "tune.space": json.dumps(params.tune.space, ensure_ascii=False)}.items()])
+        except MlflowException as error:
+            raise TrackingError(f"MLflow ({tracking_uri(params)}): {error.message}") from error
+
+    def log_trial(self, trial, trial_params: Params, cv_result: dict) -> str:
+        """A nested run with the trial's full params and its per-target CV metrics (mean, sd and per fold)."""
+        Metric, Param, RunTag, parent_tag, name_tag = self._entities
+        now = int(time.time() * 1000)
+        metrics = []
+        for target, values in cv_result["targets"].items():
+            for key, stats in values.items():
+                for stat in ("mean", "std"):
+                    if stats.get(stat) is not None:
+                        metrics.append(Metric(metric_key("cv", target, key, stat), float(stats[stat]), now, 0))
+                for fold, value in enumerate(stats.get("folds", [])):
+                    metrics.append(Metric(metric_key("cv", target, key, "fold"), float(value), now, fold))
+        setting = ", ".join(f"{k}={v}" for k, v in sorted(trial.setting.items())) or "params as they are"
+        try:
+            run = self.client.create_run(self.experiment_id, tags={parent_tag: self.parent_id,
+                                                                   name_tag: f"trial-{trial.number}",
+                                                                   "sanshi.kind": "tune-trial",
+                                                                   "tune.setting": setting})
+            run_id = run.info.run_id
+            self.client.log_batch(run_id, metrics=metrics,
+                                  params=[Param(k, v) for k, v in flatten_params(trial_params).items()])
+            self.client.set_terminated(run_id)
+        except MlflowException as error:
+            raise TrackingError(f"MLflow ({tracking_uri(self.params)}): {error.message}") from error
+        return run_id
+
+    def finish(self, best) -> str:
+        """Record the best setting on the parent run and close it; returns the parent run's id."""
+        _Metric, _Param, RunTag, _parent, _name = self._entities
+        if best is not None:
+            tags = [RunTag("tune.best_trial", str(best.number)), RunTag("tune.best_run_id", best.run_id or ""),
+                    RunTag("tune.best_setting", json.dumps(best.setting, ensure_ascii=False, default=str))]
+            self.client.log_batch(self.parent_id, tags=tags)
+        self.client.set_terminated(self.parent_id, status="FINISHED" if best is not None else "FAILED")
+        return self.parent_id
 
 
 # ------------------------------------------------------------------------------------------------------ the registry
