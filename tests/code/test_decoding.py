@@ -1,0 +1,40 @@
+"""Joint decoding of linked targets: the chosen pair is always allowed and maximises the product of probabilities."""
+
+import numpy as np
+import pytest
+
+from sanshi_ml.decoding import LinkedTargets
+
+CATEGORIES = ["城乡建设", "环境保护"]
+SUBCATEGORIES = ["物业管理", "噪音污染", "垃圾处理"]
+PAIRS = [("城乡建设", "物业管理"), ("环境保护", "噪音污染"), ("环境保护", "垃圾处理")]
+
+
+def test_decoding_picks_the_best_allowed_pair_not_the_two_argmaxes():
+    linked = LinkedTargets.from_pairs("category", "subcategory", CATEGORIES, SUBCATEGORIES, PAIRS)
+    category = np.array([[0.55, 0.45], [0.9, 0.1], [0.2, 0.8]])
+    subcategory = np.array([[0.1, 0.5, 0.4], [0.2, 0.7, 0.1], [0.1, 0.3, 0.6]])
+    first, second = linked.decode(category, subcategory)
+    # row 0: argmaxes 城乡建设 + 噪音污染 are not a pair; best allowed is 环境保护/噪音污染 (0.45*0.5 > 0.55*0.1)
+    # row 1: 城乡建设/物业管理 scores 0.18 against 环境保护/噪音污染 0.07: the confident category wins
+    # row 2: the argmaxes already agree
+    assert first.tolist() == [1, 0, 1] and second.tolist() == [1, 0, 2]
+    assert linked.consistent(first, second).all()
+    # brute force over every allowed pair gives the same choice
+    for row in range(3):
+        scores = {(i, j): category[row, i] * subcategory[row, j] for i, j in zip(*np.nonzero(linked.allowed))}
+        assert max(scores, key=scores.get) == (first[row], second[row])
+
+
+def test_labels_never_seen_together_stay_free_so_every_record_gets_an_answer():
+    linked = LinkedTargets.from_pairs("sanshi", "unit", ["公事", "共事", "家事"], ["住建部门", "社区居委会", "新单位"],
+                                      [("公事", "住建部门"), ("共事", "社区居委会"), ("未知", "住建部门")])
+    assert linked.allowed[2].all()  # 家事 was never paired: it may go with any unit
+    assert linked.allowed[:, 2].all()  # neither was the new unit
+    assert not linked.allowed[0, 1]
+
+
+def test_shape_mismatch_is_a_clear_error():
+    linked = LinkedTargets.from_pairs("a", "b", ["x", "y"], ["u"], [("x", "u")])
+    with pytest.raises(ValueError, match="columns"):
+        linked.decode(np.ones((1, 3)), np.ones((1, 1)))
