@@ -87,8 +87,14 @@ class FeaturesConfig(_Section):
 
 class TrainConfig(_Section):
     model_dir: str = "models/demo"
+    classifier: Literal["linear_svc", "logistic_regression", "sgd_modified_huber"] = Field(
+        "linear_svc", description="the linear model of every head (each calibrated the same way)")
     C: float = Field(0.7, gt=0)
     class_weight: Literal["balanced"] | None = "balanced"
+    linked_targets: list[tuple[str, str]] = Field(
+        default_factory=lambda: [("category", "subcategory"), ("sanshi", "unit")],
+        description="pairs of targets decoded jointly: the pair of labels seen together in training with the "
+                    "highest product of probabilities (pairs naming a target the data lacks are skipped)")
     calibration: Literal["sigmoid", "isotonic", "temperature"] = "sigmoid"
     calibration_cv: int = Field(5, ge=2, description="calibration folds; fewer when a label has fewer rows")
     min_label_rows: int = Field(3, ge=2, description="labels with fewer training rows are left out (and reported)")
@@ -111,6 +117,13 @@ class TrainConfig(_Section):
         if isinstance(data, dict) and data.get("calibration") == "isotonic" and "recalibrate" not in data:
             return {**data, "recalibrate": "none"}
         return data
+
+    @model_validator(mode="after")
+    def _links_join_two_targets(self) -> TrainConfig:
+        for first, second in self.linked_targets:
+            if first == second:
+                raise ValueError(f"linked_targets: {first!r} cannot be linked to itself")
+        return self
 
     @model_validator(mode="after")
     def _recalibration_needs_smooth_probabilities(self) -> TrainConfig:

@@ -18,9 +18,12 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.pipeline import FeatureUnion
+from sklearn.linear_model import LogisticRegression, SGDClassifier
+from sklearn.linear_model._base import LinearClassifierMixin
 from sklearn.svm import LinearSVC
 
 from sanshi_ml.config import FeaturesConfig, TextConfig, TrainConfig
+from sanshi_ml.decoding import LinkedTargets
 from sanshi_ml.features import FastTfidf, build_vectorizer, feature_names
 from sanshi_ml.records import RecordSet, grouped_stratified_split
 from sanshi_ml.text import Segmenter, normalize, normalize_many
@@ -85,10 +88,11 @@ class TargetPredictions:
     proba: np.ndarray
     threshold: float
     conformal: ConformalSets | None = None
+    chosen: np.ndarray | None = None  # label index per row from joint decoding; None: each row's argmax
 
     @property
     def index(self) -> np.ndarray:
-        return self.proba.argmax(axis=1)
+        return self.proba.argmax(axis=1) if self.chosen is None else self.chosen
 
     @property
     def labels(self) -> np.ndarray:
@@ -96,7 +100,10 @@ class TargetPredictions:
 
     @property
     def confidence(self) -> np.ndarray:
-        return self.proba.max(axis=1)
+        """The probability of the chosen label (the largest one unless joint decoding chose another)."""
+        if self.chosen is None:
+            return self.proba.max(axis=1)
+        return self.proba[np.arange(len(self.proba)), self.chosen]
 
     @property
     def needs_review(self) -> np.ndarray:
@@ -127,7 +134,8 @@ class TargetPredictions:
 
     def rows(self, index: np.ndarray) -> TargetPredictions:
         """The predictions of some rows (a boolean mask or positions)."""
-        return TargetPredictions(self.classes, self.proba[index], self.threshold, self.conformal)
+        return TargetPredictions(self.classes, self.proba[index], self.threshold, self.conformal,
+                                 None if self.chosen is None else self.chosen[index])
 
 
 @dataclass
@@ -262,7 +270,7 @@ class StackedHeads:
             if not isinstance(classifier, CalibratedClassifierCV) or not calibrated or len(calibrated) != 1:
                 return None
             estimator = calibrated[0].estimator
-            if calibrated[0].method != "sigmoid" or not isinstance(estimator, LinearSVC):
+            if calibrated[0].method != "sigmoid" or not isinstance(estimator, LinearClassifierMixin):
                 return None
             parts[name] = (calibrated[0], estimator)
         shapes = {estimator.coef_.shape[1] for _, estimator in parts.values()}
@@ -378,6 +386,18 @@ def _with_vocabularies(union, convert: Callable):
     return copied
 
 
+def _base_classifier(cfg: TrainConfig, n_rows: int) -> LinearClassifierMixin:
+    """The linear model that train.classifier names, unfitted; every one is seeded, so training is reproducible."""
+    if cfg.classifier == "logistic_regression":
+        return LogisticRegression(C=cfg.C, class_weight=cfg.class_weight, max_iter=2000, random_state=0)
+    if cfg.classifier == "sgd_modified_huber":
+        # alpha plays the part of 1 / (C * n) in the SVM objective, so one C means about the same regularisation.
+        return SGDClassifier(loss="modified_huber", alpha=1.0 / (cfg.C * max(n_rows, 1)),
+                             class_weight=cfg.class_weight, max_iter=50, tol=1e-4, random_state=0)
+    # A fixed random_state makes training reproducible bit for bit (liblinear shuffles its coordinates).
+    return LinearSVC(C=cfg.C, class_weight=cfg.class_weight, random_state=0)
+
+
 class TriageModel:
     """Normalise → segment → TF-IDF → one calibrated linear classifier per target."""
 
@@ -392,6 +412,7 @@ class TriageModel:
         self.segmented_training = False
         self.n_word_features = 0
         self.word_names: np.ndarray | None = None
+        self.links: list[LinkedTargets] = []
         self._weights: dict[str, np.ndarray] = {}
 
     def __getstate__(self) -> dict:
@@ -414,6 +435,7 @@ class TriageModel:
         for name, cls in _CONFIG_FIELDS.items():
             state[name] = cls.model_validate(state[name])
         state["vectorizer"] = _with_vocabularies(state.get("vectorizer"), _PackedStrings.unpack)
+        state.setdefault("links", [])  # models trained before joint decoding
         if isinstance(state.get("word_names"), _PackedStrings):
             state["word_names"] = np.asarray(_PackedStrings.unpack(state["word_names"]), dtype=object)
         self.__dict__.update(state)
@@ -482,13 +504,12 @@ class TriageModel:
     # ---------------------------------------------------------------------------------------------------- training
 
     def _fit_classifier(self, X: sp.csr_matrix, y: np.ndarray) -> CalibratedClassifierCV:
-        """A calibrated LinearSVC; with fewer rows of a label than calibration folds, fewer folds are used."""
+        """A calibrated train.classifier; with fewer rows of a label than calibration folds, fewer folds are used."""
         cfg = self.train_config
         values, counts = np.unique(y, return_counts=True)
         usable = np.isin(y, values[counts >= 2])  # a label seen once cannot be calibrated (the probe's rare case)
         folds = int(min(cfg.calibration_cv, counts[counts >= 2].min()))
-        # A fixed random_state makes training reproducible bit for bit (liblinear shuffles its coordinates).
-        base = LinearSVC(C=cfg.C, class_weight=cfg.class_weight, random_state=0)
+        base = _base_classifier(cfg, n_rows=int(usable.sum()))
         classifier = CalibratedClassifierCV(base, method=cfg.calibration, cv=folds, ensemble=False,
                                             n_jobs=cfg.n_jobs)
         return classifier.fit(X[usable], y[usable])
@@ -525,9 +546,22 @@ class TriageModel:
             say(f"target {target}: {len(head.classes)} labels, threshold {head.threshold:.3f} "
                 f"(held-out coverage {head.threshold_info.get('holdout_coverage', 0):.0%}), "
                 f"{time.perf_counter() - t0:.1f}s")
+        self.links = self._link_targets(records)
         self._weights = {}
         self.__dict__.pop("_stacked", None)
         return self
+
+    def _link_targets(self, records: RecordSet) -> list[LinkedTargets]:
+        """The configured target pairs the data has, with the label pairs seen together in training."""
+        links = []
+        for first, second in self.train_config.linked_targets:
+            if first not in self.heads or second not in self.heads:
+                continue
+            both = records.has_label(first) & records.has_label(second)
+            pairs = set(zip(records.labels(first)[both].astype(str), records.labels(second)[both].astype(str)))
+            links.append(LinkedTargets.from_pairs(first, second, self.heads[first].classes,
+                                                  self.heads[second].classes, pairs))
+        return links
 
     def _fit_target(self, target: str, X: sp.csr_matrix, labels: np.ndarray, has_label: np.ndarray,
                     groups: np.ndarray) -> TargetHead:
@@ -581,9 +615,13 @@ class TriageModel:
             probas = stacked.predict_proba(X)
         else:
             probas = {name: head.classifier.predict_proba(X) for name, head in self.heads.items()}
-        return {name: TargetPredictions(head.classes, head.recalibrated(probas[name]), head.threshold,
-                                        head.conformal)
-                for name, head in self.heads.items()}
+        predictions = {name: TargetPredictions(head.classes, head.recalibrated(probas[name]), head.threshold,
+                                               head.conformal)
+                       for name, head in self.heads.items()}
+        for link in self.links:
+            first, second = predictions[link.first], predictions[link.second]
+            first.chosen, second.chosen = link.decode(first.proba, second.proba)
+        return predictions
 
     def uncalibrated_proba(self, X: sp.csr_matrix) -> dict[str, np.ndarray]:
         """Per target, the probabilities before calibration (see :meth:`TargetHead.uncalibrated_proba`)."""

@@ -42,3 +42,15 @@ def test_missing_file_and_non_mapping(tmp_path):
     path.write_text("- a\n- b\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_params(path)
+
+
+def test_a_target_cannot_be_linked_to_itself_and_the_classifier_is_one_of_three():
+    import pytest
+
+    from sanshi_ml.config import ConfigError, parse_params
+
+    with pytest.raises(ConfigError, match="linked to itself"):
+        parse_params({"train": {"linked_targets": [["unit", "unit"]]}})
+    with pytest.raises(ConfigError, match="classifier"):
+        parse_params({"train": {"classifier": "random_forest"}})
+    assert parse_params({"train": {"classifier": "logistic_regression"}}).train.classifier == "logistic_regression"

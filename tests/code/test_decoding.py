@@ -38,3 +38,53 @@ def test_shape_mismatch_is_a_clear_error():
     linked = LinkedTargets.from_pairs("a", "b", ["x", "y"], ["u"], [("x", "u")])
     with pytest.raises(ValueError, match="columns"):
         linked.decode(np.ones((1, 3)), np.ones((1, 1)))
+
+
+def _demo_records(repo_params, targets):
+    import pandas as pd
+
+    from sanshi_ml.records import ColumnMap, to_records
+    from tests.conftest import DEMO_CSV
+
+    frame = pd.read_csv(DEMO_CSV, dtype=str)
+    return to_records(frame, ColumnMap(text_cols=("标题", "诉求内容"), targets=targets), "demo")
+
+
+@pytest.mark.parametrize("classifier", ["linear_svc", "logistic_regression", "sgd_modified_huber"])
+def test_linked_heads_only_ever_suggest_pairs_seen_in_training(repo_params, classifier):
+    from sanshi_ml.model import StackedHeads, TriageModel
+
+    records = _demo_records(repo_params, {"sanshi": "三事", "unit": "承办单位"})
+    train_cfg = repo_params.train.model_copy(update={"classifier": classifier})
+    model = TriageModel(repo_params.text, repo_params.features, train_cfg).fit(records, progress=lambda _m: None)
+    [link] = model.links
+    assert (link.first, link.second) == ("sanshi", "unit")
+    seen = set(zip(records.labels("sanshi"), records.labels("unit")))
+    texts = records.frame["text"].tolist()[:200] + ["楼上邻居半夜装修噪音扰民", "小区路灯坏了", "我家老人走失了"]
+    predictions, _ = model.predict(texts)
+    pairs = set(zip(predictions["sanshi"].labels, predictions["unit"].labels))
+    assert pairs <= seen
+    assert isinstance(model._stacked, StackedHeads)  # every linear classifier takes the stacked fast path
+    # the chosen label's probability is the confidence, and review follows it
+    unit = predictions["unit"]
+    assert np.array_equal(unit.confidence, unit.proba[np.arange(len(texts)), unit.index])
+    assert np.array_equal(unit.needs_review, unit.confidence < unit.threshold)
+
+
+def test_without_links_each_head_takes_its_own_argmax_and_old_models_load(repo_params):
+    import pickle
+
+    from sanshi_ml.model import TriageModel
+
+    records = _demo_records(repo_params, {"sanshi": "三事", "unit": "承办单位"})
+    train_cfg = repo_params.train.model_copy(update={"linked_targets": []})
+    model = TriageModel(repo_params.text, repo_params.features, train_cfg).fit(records, progress=lambda _m: None)
+    assert model.links == []
+    predictions, _ = model.predict(["小区路灯坏了"])
+    assert predictions["unit"].chosen is None
+    assert predictions["unit"].index[0] == predictions["unit"].proba[0].argmax()
+    state = model.__getstate__()
+    del state["links"]  # a model pickled before joint decoding existed
+    old = TriageModel.__new__(TriageModel)
+    old.__setstate__(pickle.loads(pickle.dumps(state)))
+    assert old.links == [] and old.predict(["小区路灯坏了"])[0]["unit"].labels[0] == predictions["unit"].labels[0]
