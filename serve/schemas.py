@@ -319,8 +319,8 @@ class FieldSuggestion(_Out):
     threshold: float = Field(description="confidence below which a person must review (above 1: always)")
     needs_review: bool
     review_reasons: list[Literal["low_confidence", "ambiguous", "policy_conflict"]] = Field(
-        description="low_confidence: below the threshold; ambiguous: the prediction set holds several labels or "
-                    "none; policy_conflict: the 三事 class and the unit contradict the 责任清单")
+        description="low_confidence: below the threshold; ambiguous: the prediction set is not just the label (several "
+                    "or none are plausible); policy_conflict: the 三事 class and the unit contradict the 责任清单")
     top_k: list[LabelProbability]
     plausible: list[str] | None = Field(None, description="the conformal prediction set, most probable first: the "
                                                           "labels that hold the true one for the model's set level "

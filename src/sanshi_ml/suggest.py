@@ -6,7 +6,7 @@ handling mode and time limit. The CLI's ``predict``, the server and batch scorin
 same answer everywhere.
 
 What sends a field to review is ``policy.review_rule`` (recorded with the model): ``threshold`` (its confidence is
-below the target's review threshold), ``set`` (its prediction set does not hold exactly one label: several are
+below the target's review threshold), ``set`` (its prediction set is not exactly the suggested label: several are
 plausible, or none is) or ``both`` (either); a policy conflict always does, for the 三事 and unit fields. A model
 trained before prediction sets existed has none, and falls back to the threshold.
 """
@@ -66,13 +66,14 @@ class Batch:
         return pred.needs_review
 
     def ambiguous(self, target: str, plausible: np.ndarray | None = None) -> np.ndarray | None:
-        """Rows whose prediction set does not hold exactly one label, if the rule looks at sets and the model has
-        them (``plausible``: the target's set matrix, if already computed)."""
+        """Rows whose prediction set is not exactly the suggested label (several labels or none are plausible, or
+        joint decoding chose a label outside the set), if the rule looks at sets and the model has them
+        (``plausible``: the target's set matrix, if already computed)."""
         pred = self.predictions[target]
         if self.review_rule == "threshold" or pred.conformal is None:
             return None
         plausible = pred.plausible if plausible is None else plausible
-        return plausible.sum(axis=1) != 1
+        return (plausible.sum(axis=1) != 1) | ~plausible[np.arange(len(plausible)), pred.index]
 
     def needs_review(self, target: str) -> np.ndarray:
         flags = [f for f in (self.low_confidence(target), self.ambiguous(target)) if f is not None]

@@ -77,4 +77,4 @@ def test_temperature_never_changes_the_predicted_label(petitions_model_dir, peti
     for name, pred in loaded.model.predict_features(X).items():
         head = loaded.model.heads[name]
         assert head.temperature != 1.0
-        assert np.array_equal(pred.index, head.classifier.predict_proba(X).argmax(axis=1))
+        assert np.array_equal(pred.proba.argmax(axis=1), head.classifier.predict_proba(X).argmax(axis=1))
