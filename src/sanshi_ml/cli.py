@@ -50,8 +50,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from sanshi_ml.model import ModelError
     from sanshi_ml.policy import PolicyError
     from sanshi_ml.records import RecordError
+    from sanshi_ml.tracking import TrackingError  # evaluated only when an error is raised: mlflow is slow to import
 
-    return ConfigError, RecordError, ArtifactError, PolicyError, ModelError, UsageError, FileNotFoundError
+    return (ConfigError, RecordError, ArtifactError, PolicyError, ModelError, UsageError, TrackingError,
+            FileNotFoundError)
 
 
 def friendly_errors(func: Callable) -> Callable:

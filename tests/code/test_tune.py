@@ -79,3 +79,17 @@ def test_cli_tune_needs_a_search_space_and_names_a_bad_key(tmp_path):
     path.write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     result = runner.invoke(app, ["tune", str(DEMO_CSV), "--params", str(path), "--out", str(tmp_path / "b.yaml")])
     assert result.exit_code == 2 and "train.Cee" in result.output and "Traceback" not in result.output
+
+
+def test_cli_tune_reports_a_deleted_experiment_in_one_line(tmp_path):
+    runner = CliRunner()
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store)
+    client.delete_experiment(client.create_experiment("gone"))
+    params = yaml.safe_load((DEMO_CSV.parents[2] / "params.yaml").read_text(encoding="utf-8"))
+    params["tracking"].update(enabled=True, uri=store, experiment="gone")
+    params["tune"]["space"] = {"train.C": [0.7]}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    result = runner.invoke(app, ["tune", str(DEMO_CSV), "--params", str(path), "--out", str(tmp_path / "b.yaml")])
+    assert result.exit_code == 2 and "deleted" in result.output and "Traceback" not in result.output
