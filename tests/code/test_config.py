@@ -54,3 +54,14 @@ def test_a_target_cannot_be_linked_to_itself_and_the_classifier_is_one_of_three(
     with pytest.raises(ConfigError, match="classifier"):
         parse_params({"train": {"classifier": "random_forest"}})
     assert parse_params({"train": {"classifier": "logistic_regression"}}).train.classifier == "logistic_regression"
+
+
+def test_prior_correction_strengths_are_checked():
+    import pytest
+
+    from sanshi_ml.config import ConfigError, parse_params
+
+    with pytest.raises(ConfigError, match="prior_correction"):
+        parse_params({"train": {"prior_correction": []}})
+    with pytest.raises(ConfigError, match="prior_correction"):
+        parse_params({"train": {"prior_correction": [0, 5]}})

@@ -88,3 +88,40 @@ def test_without_links_each_head_takes_its_own_argmax_and_old_models_load(repo_p
     old = TriageModel.__new__(TriageModel)
     old.__setstate__(pickle.loads(pickle.dumps(state)))
     assert old.links == [] and old.predict(["小区路灯坏了"])[0]["unit"].labels[0] == predictions["unit"].labels[0]
+
+
+def test_prior_correction_moves_decisions_toward_a_rare_label_only_when_the_hold_out_says_so():
+    from sanshi_ml.model import TargetPredictions, choose_prior_correction, prior_weights
+
+    classes = ["公事", "家事"]
+    y_fit = np.array(["公事"] * 90 + ["家事"] * 10)
+    assert np.allclose(prior_weights(classes, y_fit, 1.0), [1 / 0.9, 1 / 0.1])
+    assert np.allclose(prior_weights(classes, y_fit, 0.0), [1.0, 1.0])
+    # The rare label's rows get p(家事) of 0.3-0.45: a plain argmax never picks it, a corrected one does.
+    rng = np.random.default_rng(0)
+    rare = rng.uniform(0.30, 0.45, 20)
+    common = rng.uniform(0.0, 0.05, 180)
+    p_rare = np.concatenate([rare, common])
+    proba = np.column_stack([1 - p_rare, p_rare])
+    y_hold = np.array(["家事"] * 20 + ["公事"] * 180)
+    tau, f1 = choose_prior_correction(proba, classes, y_fit, y_hold, [0.0, 0.5, 1.0])
+    assert tau > 0 and f1 == 1.0
+    assert choose_prior_correction(proba, classes, y_fit, y_hold, [0.0]) == (0.0, pytest.approx(0.4736842))
+    # At prediction the weights choose the label; the confidence stays the calibrated probability of that label.
+    pred = TargetPredictions(classes, proba[:3], threshold=0.5, weights=prior_weights(classes, y_fit, tau))
+    assert pred.labels.tolist() == ["家事", "家事", "家事"]
+    assert np.array_equal(pred.confidence, proba[:3, 1]) and pred.needs_review.all()
+
+
+def test_the_chosen_strength_is_recorded_and_zero_means_no_weights(repo_params):
+    from sanshi_ml.model import TriageModel
+
+    records = _demo_records(repo_params, {"sanshi": "三事"})
+    off = repo_params.train.model_copy(update={"prior_correction": [0.0]})
+    model = TriageModel(repo_params.text, repo_params.features, off).fit(records, progress=lambda _m: None)
+    head = model.heads["sanshi"]
+    assert head.decision_weights is None and head.threshold_info["prior_correction_tau"] == 0.0
+    on = TriageModel(repo_params.text, repo_params.features, repo_params.train).fit(records, progress=lambda _m: None)
+    tau = on.heads["sanshi"].threshold_info["prior_correction_tau"]
+    assert tau in repo_params.train.prior_correction and 0 <= on.heads["sanshi"].threshold_info["holdout_macro_f1"] <= 1
+    assert (on.heads["sanshi"].decision_weights is None) == (tau == 0)
