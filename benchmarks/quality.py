@@ -151,12 +151,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--skip-petitions", action="store_true")
+    parser.add_argument("--skip-fj2", action="store_true")
     args = parser.parse_args()
     if not SHARED.exists():
         print(f"needs the real data at {SHARED}", file=sys.stderr)
         return 2
     params = load_params(REPO / "params.yaml")
-    fj2_benchmark(params, args.seeds)
+    if not args.skip_fj2:
+        fj2_benchmark(params, args.seeds)
     if not args.skip_petitions:
         petitions_benchmark(params, args.seeds)
     return 0

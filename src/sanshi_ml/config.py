@@ -102,10 +102,14 @@ class TrainConfig(_Section):
     target_accuracy_by_target: dict[str, float] = Field(default_factory=dict)
     threshold_holdout: float = Field(0.2, gt=0, lt=1, description="share of training rows that choose the thresholds")
     prior_correction: list[float] = Field(
-        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
+        default_factory=lambda: [0.0],
         description="strengths tau of the prior correction tried on the threshold hold-out: the label chosen is the "
                     "argmax of p(label) / prior(label)^tau, tau maximising the hold-out macro-F1 (probabilities "
                     "and confidences stay calibrated); [0] turns it off")
+    prior_correction_by_target: dict[str, list[float]] = Field(
+        default_factory=lambda: {"sanshi": [0.0, 0.25, 0.5, 0.75, 1.0]},
+        description="per-target strengths, instead of prior_correction; by default only 三事, whose rare 共事 and 家事 "
+                    "are what triage is for (on other targets a small hold-out can over-correct toward rare labels)")
     recalibrate: Literal["none", "temperature"] = Field(
         "temperature", description="a second step on the calibrated probabilities: one temperature per target, fitted "
                                    "on the threshold hold-out; it never changes the predicted label")
@@ -125,8 +129,10 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _prior_correction_is_a_list_of_strengths(self) -> TrainConfig:
-        if not self.prior_correction or any(not 0 <= tau <= 2 for tau in self.prior_correction):
-            raise ValueError("prior_correction: give one or more strengths between 0 and 2, e.g. [0, 0.5, 1]")
+        for name, strengths in {"": self.prior_correction, **self.prior_correction_by_target}.items():
+            if not strengths or any(not 0 <= tau <= 2 for tau in strengths):
+                where = f"prior_correction_by_target.{name}" if name else "prior_correction"
+                raise ValueError(f"{where}: give one or more strengths between 0 and 2, e.g. [0, 0.5, 1]")
         return self
 
     @model_validator(mode="after")

@@ -626,7 +626,7 @@ class TriageModel:
         temperature = fit_temperature(proba, true_column) if cfg.recalibrate == "temperature" else 1.0
         proba = apply_temperature(proba, temperature)
         tau, holdout_f1 = choose_prior_correction(proba, probe.classes_, y[fit_idx], y[hold_idx],
-                                                  cfg.prior_correction)
+                                                  cfg.prior_correction_by_target.get(target, cfg.prior_correction))
         chosen = (proba * prior_weights(probe.classes_, y[fit_idx], tau)).argmax(axis=1)
         predicted = probe.classes_[chosen]
         accuracy_goal = cfg.target_accuracy_by_target.get(target, cfg.target_accuracy)

@@ -65,3 +65,5 @@ def test_prior_correction_strengths_are_checked():
         parse_params({"train": {"prior_correction": []}})
     with pytest.raises(ConfigError, match="prior_correction"):
         parse_params({"train": {"prior_correction": [0, 5]}})
+    with pytest.raises(ConfigError, match="prior_correction_by_target.sanshi"):
+        parse_params({"train": {"prior_correction_by_target": {"sanshi": []}}})

@@ -116,12 +116,15 @@ def test_prior_correction_moves_decisions_toward_a_rare_label_only_when_the_hold
 def test_the_chosen_strength_is_recorded_and_zero_means_no_weights(repo_params):
     from sanshi_ml.model import TriageModel
 
-    records = _demo_records(repo_params, {"sanshi": "三事"})
-    off = repo_params.train.model_copy(update={"prior_correction": [0.0]})
+    records = _demo_records(repo_params, {"sanshi": "三事", "category": "一级分类"})
+    off = repo_params.train.model_copy(update={"prior_correction_by_target": {}})
     model = TriageModel(repo_params.text, repo_params.features, off).fit(records, progress=lambda _m: None)
-    head = model.heads["sanshi"]
-    assert head.decision_weights is None and head.threshold_info["prior_correction_tau"] == 0.0
+    for head in model.heads.values():
+        assert head.decision_weights is None and head.threshold_info["prior_correction_tau"] == 0.0
+    # By default only 三事 searches strengths; the other heads keep the plain argmax.
     on = TriageModel(repo_params.text, repo_params.features, repo_params.train).fit(records, progress=lambda _m: None)
-    tau = on.heads["sanshi"].threshold_info["prior_correction_tau"]
-    assert tau in repo_params.train.prior_correction and 0 <= on.heads["sanshi"].threshold_info["holdout_macro_f1"] <= 1
-    assert (on.heads["sanshi"].decision_weights is None) == (tau == 0)
+    info = on.heads["sanshi"].threshold_info
+    assert info["prior_correction_tau"] in repo_params.train.prior_correction_by_target["sanshi"]
+    assert 0 <= info["holdout_macro_f1"] <= 1
+    assert (on.heads["sanshi"].decision_weights is None) == (info["prior_correction_tau"] == 0)
+    assert on.heads["category"].threshold_info["prior_correction_tau"] == 0.0
