@@ -50,7 +50,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from sanshi_ml.model import ModelError
     from sanshi_ml.policy import PolicyError
     from sanshi_ml.records import RecordError
-    from sanshi_ml.tracking import TrackingError  # evaluated only when an error is raised: mlflow is slow to import
+    # Called only when an error is raised, so importing mlflow (slow) here costs nothing otherwise.
+    from sanshi_ml.tracking import TrackingError
 
     return (ConfigError, RecordError, ArtifactError, PolicyError, ModelError, UsageError, TrackingError,
             FileNotFoundError)
@@ -179,7 +180,10 @@ def tune(
     records = load_many([str(p) for p in (data or [Path(params.data.path)])], column_map(params))
     # The held-out split that train evaluates on is left out, so the winner is chosen on training rows only.
     train_idx, _ = split_indices(records, params.split.test_size, params.split.seed, params.split.stratify_target)
-    say = lambda m: typer.echo(m, err=True)  # noqa: E731
+
+    def say(message: str) -> None:
+        typer.echo(message, err=True)
+
     say(f"tuning on the {len(train_idx)} training rows of the split (the held-out rows stay unseen)")
     result = run_tune(subset(records, train_idx), params, target=rank_by, cv=cv, n_trials=n_trials, track=track,
                       progress=say)
@@ -307,7 +311,8 @@ def promote(
     _setup_logging(False)
     if (run_id is None) == (best is None):
         raise UsageError("give a RUN_ID or --best METRIC (one of them)")
-    from sanshi_ml.tracking import TrackingError, champion_uri, promote as run_promote, tracking_uri
+    from sanshi_ml.tracking import TrackingError, champion_uri, tracking_uri
+    from sanshi_ml.tracking import promote as run_promote
 
     params = load_params(params_file)
     try:

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 from sklearn.calibration import CalibratedClassifierCV
-from sklearn.pipeline import FeatureUnion
 from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.linear_model._base import LinearClassifierMixin
+from sklearn.pipeline import FeatureUnion
 from sklearn.svm import LinearSVC
 
 from sanshi_ml.config import FeaturesConfig, TextConfig, TrainConfig

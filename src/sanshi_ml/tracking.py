@@ -315,7 +315,7 @@ class TuningLog:
 
     def log_trial(self, trial, trial_params: Params, cv_result: dict) -> str:
         """A nested run with the trial's full params and its per-target CV metrics (mean, sd and per fold)."""
-        Metric, Param, RunTag, parent_tag, name_tag = self._entities
+        Metric, Param, _RunTag, parent_tag, name_tag = self._entities
         now = int(time.time() * 1000)
         metrics = []
         for target, values in cv_result["targets"].items():
