@@ -110,6 +110,7 @@ def tune(records: RecordSet, params: Params, *, target: str | None = None, cv: i
     settings = candidate_settings(cfg.space, n_trials or cfg.n_trials, cfg.seed)
     # Validate every setting before the first (long) fit, so a typo fails at once.
     candidates = [(setting, apply_setting(params, setting)) for setting in settings]
+    stratify = params.split.stratify_target if params.split.stratify_target in records.targets else None
     track = params.tracking.enabled if track is None else track
     logger = None
     if track:
@@ -123,7 +124,7 @@ def tune(records: RecordSet, params: Params, *, target: str | None = None, cv: i
             started = time.perf_counter()
             result = cross_validate(
                 records, lambda p=trial_params: TriageModel(p.text, p.features, p.train), cv,
-                seed=trial_params.split.seed, stratify_target=trial_params.split.stratify_target,
+                seed=trial_params.split.seed, stratify_target=stratify,
                 progress=lambda message: say("  " + message))
             trial = Trial(number, setting, _cv_scores(result), time.perf_counter() - started)
             trials.append(trial)
