@@ -15,7 +15,7 @@ import pandas as pd
 import scipy.sparse as sp
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from sanshi_ml.model import TargetPredictions, TriageModel, choose_threshold
+from sanshi_ml.model import TargetPredictions, TriageModel, choose_threshold, label_columns
 from sanshi_ml.plotting import pyplot
 from sanshi_ml.records import RecordSet, fold_indices, subset
 
@@ -117,8 +117,7 @@ def conformal_metrics(y_true: np.ndarray, pred: TargetPredictions) -> dict | Non
     plausible = pred.plausible
     if plausible is None or len(y_true) == 0:
         return None
-    column = {label: i for i, label in enumerate(pred.classes)}
-    true_column = np.array([column.get(label, -1) for label in y_true])
+    true_column = label_columns(pred.classes, y_true)
     known = true_column >= 0
     covered = np.zeros(len(y_true), dtype=bool)
     covered[known] = plausible[np.flatnonzero(known), true_column[known]]

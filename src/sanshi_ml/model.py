@@ -203,6 +203,12 @@ def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
     return z
 
 
+def label_columns(classes: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+    """Each label's column among ``classes``, -1 for a label that is not one of them."""
+    column = {label: i for i, label in enumerate(classes)}
+    return np.array([column.get(label, -1) for label in labels], dtype=np.int64)
+
+
 def fit_temperature(proba: np.ndarray, true_column: np.ndarray) -> float:
     """The temperature that minimises the negative log-likelihood of held-out rows' true labels under
     :func:`apply_temperature` (rows whose label has no column, ``-1``, are left out)."""
@@ -621,8 +627,7 @@ class TriageModel:
         fit_idx, hold_idx = grouped_stratified_split(g_t, y, cfg.threshold_holdout, seed=0)
         probe = self._fit_classifier(X_t[fit_idx], y[fit_idx])
         proba = probe.predict_proba(X_t[hold_idx])
-        column = {label: i for i, label in enumerate(probe.classes_)}
-        true_column = np.array([column.get(label, -1) for label in y[hold_idx]])  # -1: a label the probe never saw
+        true_column = label_columns(probe.classes_, y[hold_idx])  # -1: a label the probe never saw
         temperature = fit_temperature(proba, true_column) if cfg.recalibrate == "temperature" else 1.0
         proba = apply_temperature(proba, temperature)
         tau, holdout_f1 = choose_prior_correction(proba, probe.classes_, y[fit_idx], y[hold_idx],
