@@ -520,12 +520,13 @@ class TriageModel:
         # The segmenter's raw tokens go straight to the fast path, which applies the filter's verdicts itself.
         normalized = self.normalize_many(texts)
         joined = self.segmenter.raw_cut_joined(normalized)
-        if joined is not None:
+        if joined is None:
+            raw = self.segmenter.raw_cut_many(normalized)
+            X = fast.transform(raw, raw=True)
+        else:
             X = fast.transform_joined(*joined, n_docs=len(normalized))
-            if X is not None:
-                return X
-        raw = self.segmenter.raw_cut_many(normalized)
-        X = fast.transform(raw, raw=True)
+            raw = Segmenter.split_joined(*joined) if X is None else None
+        # None: a kept token holds a space, which the fast path cannot key; sklearn's transform of the same tokens.
         return self.vectorizer.transform([self.segmenter.filter(t) for t in raw]) if X is None else X
 
     def transform_tokens(self, tokens: list[list[str]]) -> sp.csr_matrix:

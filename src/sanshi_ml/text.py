@@ -340,6 +340,12 @@ class Segmenter:
             return None
         return tokens, separators
 
+    @staticmethod
+    def split_joined(tokens: list[str], separators: list[int]) -> list[list[str]]:
+        """Each text's raw tokens from :meth:`raw_cut_joined`'s output (the separators left out)."""
+        bounds = [-1, *separators, len(tokens)]
+        return [tokens[start + 1:end] for start, end in zip(bounds, bounds[1:])]
+
     def cut_many(self, texts: Sequence[str]) -> list[list[str]]:
         """:meth:`cut` for each normalised text."""
         if self._cut is None:

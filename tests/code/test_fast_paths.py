@@ -173,3 +173,15 @@ def test_stacked_heads_give_sklearns_probabilities_bit_for_bit_binary_heads_too_
         # and against the float64 weights they were trained with: the same labels, probabilities within 1e-5
         assert np.array_equal(got.argmax(axis=1), proba.argmax(axis=1))
         assert np.abs(got - proba).max() < 1e-5
+
+
+def test_model_falls_back_to_sklearn_on_the_tokens_of_the_one_joined_cut(demo_model_dir, monkeypatch):
+    from sanshi_ml.artifacts import load_model
+
+    model = load_model(demo_model_dir).model
+    texts = [t for t in TEXTS if t.strip()]
+    expected = model.vectorizer.transform(model.tokens(texts))
+    fast = model._fast_tfidf()
+    monkeypatch.setattr(fast, "transform_joined", lambda *a, **k: None)  # as when a kept token holds a space
+    monkeypatch.setattr(model.segmenter, "raw_cut_many", lambda _t: pytest.fail("cut a second time"))
+    assert (model.transform(texts) != expected).nnz == 0
