@@ -28,8 +28,10 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from sanshi_ml.artifacts import METADATA_FILE, MODEL_FILE, LoadedModel, library_versions, load_model
 from sanshi_ml.config import Params
@@ -296,10 +298,6 @@ class TuningLog:
     """A ``sanshi-ml tune`` search in MLflow: one parent run, one nested run per setting (params + CV metrics)."""
 
     def __init__(self, params: Params, *, target: str, cv: int, n_settings: int) -> None:
-        from mlflow.entities import Metric, Param, RunTag
-        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-
-        self._entities = (Metric, Param, RunTag, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME)
         self.params = params
         try:
             self.client = _client(params)
@@ -315,7 +313,6 @@ class TuningLog:
 
     def log_trial(self, trial, trial_params: Params, cv_result: dict) -> str:
         """A nested run with the trial's full params and its per-target CV metrics (mean, sd and per fold)."""
-        Metric, Param, _RunTag, parent_tag, name_tag = self._entities
         now = int(time.time() * 1000)
         metrics = []
         for target, values in cv_result["targets"].items():
@@ -327,8 +324,8 @@ class TuningLog:
                     metrics.append(Metric(metric_key("cv", target, key, "fold"), float(value), now, fold))
         setting = ", ".join(f"{k}={v}" for k, v in sorted(trial.setting.items())) or "params as they are"
         try:
-            run = self.client.create_run(self.experiment_id, tags={parent_tag: self.parent_id,
-                                                                   name_tag: f"trial-{trial.number}",
+            run = self.client.create_run(self.experiment_id, tags={MLFLOW_PARENT_RUN_ID: self.parent_id,
+                                                                   MLFLOW_RUN_NAME: f"trial-{trial.number}",
                                                                    "sanshi.kind": "tune-trial",
                                                                    "tune.setting": setting})
             run_id = run.info.run_id
@@ -341,7 +338,6 @@ class TuningLog:
 
     def finish(self, best) -> str:
         """Record the best setting on the parent run and close it; returns the parent run's id."""
-        _Metric, _Param, RunTag, _parent, _name = self._entities
         if best is not None:
             tags = [RunTag("tune.best_trial", str(best.number)), RunTag("tune.best_run_id", best.run_id or ""),
                     RunTag("tune.best_setting", json.dumps(best.setting, ensure_ascii=False, default=str))]
