@@ -322,12 +322,11 @@ class TuningLog:
                         metrics.append(Metric(metric_key("cv", target, key, stat), float(stats[stat]), now, 0))
                 for fold, value in enumerate(stats.get("folds", [])):
                     metrics.append(Metric(metric_key("cv", target, key, "fold"), float(value), now, fold))
-        setting = ", ".join(f"{k}={v}" for k, v in sorted(trial.setting.items())) or "params as they are"
         try:
             run = self.client.create_run(self.experiment_id, tags={MLFLOW_PARENT_RUN_ID: self.parent_id,
                                                                    MLFLOW_RUN_NAME: f"trial-{trial.number}",
                                                                    "sanshi.kind": "tune-trial",
-                                                                   "tune.setting": setting})
+                                                                   "tune.setting": trial.description})
             run_id = run.info.run_id
             self.client.log_batch(run_id, metrics=metrics,
                                   params=[Param(k, v) for k, v in flatten_params(trial_params).items()])

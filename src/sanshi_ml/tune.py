@@ -39,6 +39,10 @@ class Trial:
     def score(self, target: str) -> float:
         return self.scores[target]["macro_f1_mean"]
 
+    @property
+    def description(self) -> str:
+        return _describe(self.setting)
+
 
 @dataclass
 class TuneResult:
@@ -58,7 +62,7 @@ class TuneResult:
             s = trial.scores[self.target]
             sd = f" ± {s['macro_f1_std']:.4f}" if s["macro_f1_std"] is not None else ""
             out.append(f"{rank:>3}. macro-F1 {s['macro_f1_mean']:.4f}{sd}  accuracy {s['accuracy_mean']:.4f}  "
-                       f"{trial.seconds:.0f}s  {_describe(trial.setting)}")
+                       f"{trial.seconds:.0f}s  {trial.description}")
         return out
 
 
@@ -157,7 +161,7 @@ def write_best(result: TuneResult, params: Params, path: str | Path) -> Path:
     best = apply_setting(params, result.best.setting)
     s = result.best.scores[result.target]
     header = (f"# Written by sanshi-ml tune: the best of {len(result.trials)} settings by {result.target} "
-              f"cross-validated macro-F1 {s['macro_f1_mean']:.4f}\n# setting: {_describe(result.best.setting)}\n")
+              f"cross-validated macro-F1 {s['macro_f1_mean']:.4f}\n# setting: {result.best.description}\n")
     path.write_text(header + yaml.safe_dump(best.model_dump(), allow_unicode=True, sort_keys=False),
                     encoding="utf-8")
     return path
