@@ -83,6 +83,9 @@ class FeaturesConfig(_Section):
     sublinear_tf: bool = True
     min_df: int = Field(1, ge=1)
     max_features: int | None = Field(None, ge=1)
+    title_weight: float = Field(0.5, ge=0, le=5, description=(
+        "weight of a second word and character block built from the title alone (titles name the matter in a "
+        "few words); 0 turns it off. Data without titles (a pre-segmented column) never gets the block"))
 
 
 class TrainConfig(_Section):

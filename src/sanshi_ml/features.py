@@ -234,25 +234,23 @@ class FastTfidf:
 
         ``raw=True``: the lists are the segmenter's raw output, and tokens its filter drops are left out here.
         """
-        if raw and self._keep is None:
-            raise ValueError("raw tokens need the segmenter's keep test (FastTfidf.from_union(..., keep=...))")
         n_docs = len(docs)
         lengths = np.fromiter(map(len, docs), dtype=np.int64, count=n_docs)
         flat = list(chain.from_iterable(docs))
-        return self._transform_flat(flat, np.repeat(np.arange(n_docs, dtype=np.int64), lengths), n_docs, raw)
+        return self.transform_flat(flat, np.repeat(np.arange(n_docs, dtype=np.int64), lengths), n_docs, raw)
 
     def transform_joined(self, tokens: list[str], separators: np.ndarray, n_docs: int) -> sp.csr_matrix | None:
         """:meth:`transform` of raw segmenter output for ``n_docs`` texts cut in one call (see
         :meth:`sanshi_ml.text.Segmenter.raw_cut_joined`): ``separators`` are the positions of the tokens that end
         each text but the last. The separators must be tokens the segmenter's filter drops."""
-        if self._keep is None:
-            raise ValueError("raw tokens need the segmenter's keep test (FastTfidf.from_union(..., keep=...))")
-        starts = np.zeros(len(tokens), dtype=np.int64)
-        starts[np.asarray(separators, dtype=np.int64)] = 1
-        return self._transform_flat(tokens, np.cumsum(starts), n_docs, raw=True)
+        return self.transform_flat(tokens, joined_text_of(len(tokens), separators), n_docs, raw=True)
 
-    def _transform_flat(self, flat: list[str], doc_of: np.ndarray, n_docs: int, raw: bool) -> sp.csr_matrix | None:
-        """The TF-IDF matrix of tokens ``flat``, token i belonging to text ``doc_of[i]`` (non-decreasing)."""
+    def transform_flat(self, flat: list[str], doc_of: np.ndarray, n_docs: int, raw: bool = False
+                       ) -> sp.csr_matrix | None:
+        """The TF-IDF matrix of tokens ``flat``, token i belonging to text ``doc_of[i]`` (non-decreasing), or None
+        as for :meth:`transform`."""
+        if raw and self._keep is None:
+            raise ValueError("raw tokens need the segmenter's keep test (FastTfidf.from_union(..., keep=...))")
         gid = self._token_ids(flat)
         if raw:
             kept = (self._flags[gid] & _DROPPED) == 0
@@ -297,6 +295,13 @@ class FastTfidf:
             rows.append(doc_of[where[match]])
             cols.append(columns[found[match]])
         return np.concatenate(rows), np.concatenate(cols)
+
+
+def joined_text_of(n_tokens: int, separators: Sequence[int]) -> np.ndarray:
+    """For tokens of texts cut in one call, each token's text number (a separator belongs to the text it starts)."""
+    starts = np.zeros(n_tokens, dtype=np.int64)
+    starts[np.asarray(separators, dtype=np.int64)] = 1
+    return np.cumsum(starts)
 
 
 def _count_matrix(rows: np.ndarray, cols: np.ndarray, n_rows: int, n_cols: int, dtype) -> sp.csr_matrix:

@@ -1,7 +1,8 @@
 """The multi-target triage model: shared features, one calibrated linear classifier per target, review thresholds
 chosen on held-out data, and reason terms.
 
-Texts are normalised and segmented once; one TF-IDF matrix feeds every target's classifier. Each classifier is a
+Texts are normalised and segmented once; one TF-IDF matrix feeds every target's classifier. Where records have
+titles, the title's words get a second, down-weighted block of their own besides their place in the whole text. Each classifier is a
 LinearSVC wrapped in ``CalibratedClassifierCV`` (one final estimator trained on all rows, calibrated on
 out-of-fold decision values), so every prediction carries a probability for each label.
 """
@@ -13,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import compress
 
 import numpy as np
 import scipy.sparse as sp
@@ -24,11 +26,13 @@ from sklearn.svm import LinearSVC
 
 from sanshi_ml.config import FeaturesConfig, TextConfig, TrainConfig
 from sanshi_ml.decoding import LinkedTargets
-from sanshi_ml.features import FastTfidf, build_vectorizer, feature_names
+from sanshi_ml.features import FastTfidf, build_vectorizer, feature_names, joined_text_of
 from sanshi_ml.records import RecordSet, grouped_stratified_split
-from sanshi_ml.text import Segmenter, normalize, normalize_many
+from sanshi_ml.text import Segmenter, normalize, normalize_many, split_title
 
 log = logging.getLogger(__name__)
+
+_VECTORIZER_FIELDS = ("vectorizer", "title_vectorizer")
 
 # A threshold above every possible probability: nothing is accepted without review.
 NEVER_ACCEPT = 1.01
@@ -451,6 +455,7 @@ class TriageModel:
         self.train_config = train or TrainConfig()
         self.segmenter = Segmenter(self.text_config.backend, self.text_config.user_dict, self.text_config.stopwords)
         self.vectorizer = None
+        self.title_vectorizer = None  # the title block's union (None: no title block)
         self.heads: dict[str, TargetHead] = {}
         self.segmented_training = False
         self.n_word_features = 0
@@ -461,7 +466,8 @@ class TriageModel:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_weights"] = {}  # rebuilt on demand; no need to store two copies of the coefficients
-        state.pop("_fast", None)  # the fast transform is rebuilt from the vectoriser on first use
+        state.pop("_fast", None)  # the fast transforms are rebuilt from the vectorisers on first use
+        state.pop("_fast_title", None)
         state.pop("_stacked", None)  # so are the stacked coefficients (the heads' own coef_ are views into them)
         # Configs are stored as plain dicts: a pydantic model pickles its set of assigned fields, whose order varies
         # with string hashing, so the same model would get a different artifact sha256 on every run.
@@ -469,7 +475,8 @@ class TriageModel:
             state[name] = state[name].model_dump()
         # joblib unpickles in pure Python: the vocabularies' million short strings took two seconds of every load
         # (a scoring run's start-up). One long string per vocabulary loads in milliseconds.
-        state["vectorizer"] = _with_vocabularies(state.get("vectorizer"), _PackedStrings.pack)
+        for name in _VECTORIZER_FIELDS:
+            state[name] = _with_vocabularies(state.get(name), _PackedStrings.pack)
         if isinstance(state.get("word_names"), np.ndarray):
             state["word_names"] = _PackedStrings.pack(state["word_names"].tolist())
         return state
@@ -477,7 +484,9 @@ class TriageModel:
     def __setstate__(self, state: dict) -> None:
         for name, cls in _CONFIG_FIELDS.items():
             state[name] = cls.model_validate(state[name])
-        state["vectorizer"] = _with_vocabularies(state.get("vectorizer"), _PackedStrings.unpack)
+        state.setdefault("title_vectorizer", None)  # models trained before the title block
+        for name in _VECTORIZER_FIELDS:
+            state[name] = _with_vocabularies(state.get(name), _PackedStrings.unpack)
         state.setdefault("links", [])  # models trained before joint decoding
         if isinstance(state.get("word_names"), _PackedStrings):
             state["word_names"] = np.asarray(_PackedStrings.unpack(state["word_names"]), dtype=object)
@@ -499,8 +508,12 @@ class TriageModel:
         return normalize_many(texts, to_simplified=cfg.to_simplified, pii=cfg.mask_pii, lowercase=cfg.lowercase)
 
     def tokens(self, texts: Sequence[str]) -> list[list[str]]:
-        """Raw texts (title and text already joined) to content words."""
+        """Content words of model input strings (:func:`sanshi_ml.text.model_input`: title and text together)."""
         return self.segmenter.cut_many(self.normalize_many(texts))
+
+    def title_tokens(self, texts: Sequence[str]) -> list[list[str]]:
+        """Content words of the titles of model input strings (none for a string without a title)."""
+        return self.segmenter.cut_many(self.normalize_many([split_title(text)[0] for text in texts]))
 
     def _segmented_tokens(self, texts: Sequence[str]) -> list[list[str]]:
         return [self.segmenter.filter(text.split()) for text in self.normalize_many(texts)]
@@ -512,8 +525,11 @@ class TriageModel:
         return self.tokens(records.model_texts)
 
     def transform(self, texts: Sequence[str]) -> sp.csr_matrix:
-        """TF-IDF features of raw texts."""
+        """TF-IDF features of model input strings: the whole text's block, then the title's block if the model has one.
+        """
         self._require_fitted()
+        if self.title_vectorizer is not None:
+            return self._transform_with_titles(texts)
         fast = self._fast_tfidf()
         if not fast:
             return self.vectorizer.transform(self.tokens(texts))
@@ -529,20 +545,54 @@ class TriageModel:
         # None: a kept token holds a space, which the fast path cannot key; sklearn's transform of the same tokens.
         return self.vectorizer.transform([self.segmenter.filter(t) for t in raw]) if X is None else X
 
+    def _transform_with_titles(self, texts: Sequence[str]) -> sp.csr_matrix:
+        """:meth:`transform` for a model with a title block: titles and texts are cut in one call, alternately, and
+        the same tokens feed both blocks (the whole text's n-grams run on from its title into its text, as when
+        the joined string is cut, because the separator between the two is a token the filter drops)."""
+        split = [split_title(text) for text in texts]
+        titles = self.normalize_many([title for title, _ in split])
+        bodies = self.normalize_many([body for _, body in split])
+        parts = [part for pair in zip(titles, bodies) for part in pair]
+        fast, fast_title = self._fast_tfidf(), self._fast_tfidf("title_vectorizer")
+        joined = self.segmenter.raw_cut_joined(parts) if fast and fast_title else None
+        if joined is not None:
+            tokens, separators = joined
+            part_of = joined_text_of(len(tokens), separators)
+            in_title = (part_of & 1) == 0
+            doc_of = part_of >> 1
+            X = fast.transform_flat(tokens, doc_of, len(texts), raw=True)
+            X_title = fast_title.transform_flat(list(compress(tokens, in_title)), doc_of[in_title], len(texts),
+                                                raw=True)
+            if X is not None and X_title is not None:
+                return self._stack_title_block(X, X_title)
+        cut = self.segmenter.cut_many(parts)
+        title_tokens = cut[0::2]
+        return self._stack_title_block(
+            self.vectorizer.transform([title + body for title, body in zip(title_tokens, cut[1::2])]),
+            self.title_vectorizer.transform(title_tokens))
+
+    def _stack_title_block(self, X: sp.csr_matrix, X_title: sp.csr_matrix) -> sp.csr_matrix:
+        X_title = X_title.tocsr()
+        X_title.data *= X_title.dtype.type(self.features_config.title_weight)
+        return sp.hstack([X, X_title], format="csr")
+
     def transform_tokens(self, tokens: list[list[str]]) -> sp.csr_matrix:
-        """TF-IDF features of token lists: FastTfidf's array path (the same matrix), else sklearn's transform."""
+        """TF-IDF features of token lists: FastTfidf's array path (the same matrix), else sklearn's transform.
+        The whole-text block only: a model with a title block needs :meth:`transform`."""
         fast = self._fast_tfidf()
         X = fast.transform(tokens) if fast else None
         return self.vectorizer.transform(tokens) if X is None else X
 
-    def _fast_tfidf(self) -> FastTfidf | bool:
-        """The fast transform for this vectoriser and segmenter (built once; False if the union is not supported)."""
-        fast = self.__dict__.get("_fast")
+    def _fast_tfidf(self, name: str = "vectorizer") -> FastTfidf | bool:
+        """The fast transform for a vectoriser and this segmenter (built once; False if the union is not supported).
+        """
+        key = "_fast" if name == "vectorizer" else "_fast_title"
+        fast = self.__dict__.get(key)
         if fast is None or (fast and fast.keep_owner is not self.segmenter):
-            fast = FastTfidf.from_union(self.vectorizer, keep=self.segmenter.keeps) or False
+            fast = FastTfidf.from_union(getattr(self, name), keep=self.segmenter.keeps) or False
             if fast:
                 fast.keep_owner = self.segmenter
-            self._fast = fast
+            self.__dict__[key] = fast
         return fast
 
     # ---------------------------------------------------------------------------------------------------- training
@@ -569,12 +619,15 @@ class TriageModel:
         say(f"segmented {len(tokens)} texts in {time.perf_counter() - started:.1f}s")
         self.vectorizer = build_vectorizer(self.features_config)
         self.__dict__.pop("_fast", None)  # a fast transform belongs to the vectoriser it was built from
+        self.__dict__.pop("_fast_title", None)
         X = self.vectorizer.fit_transform(tokens).tocsr()
         names = np.asarray(feature_names(self.vectorizer), dtype=object)
         is_word = np.char.startswith(names.astype(str), "word__")
         self.n_word_features = int(is_word.sum())  # FeatureUnion puts the word block first
         self.word_names = np.asarray([n[len("word__"):] for n in names[:self.n_word_features]], dtype=object)
-        say(f"{X.shape[1]} features ({self.n_word_features} word n-grams)")
+        X = self._fit_title_block(records, X)
+        say(f"{X.shape[1]} features ({self.n_word_features} word n-grams"
+            f"{', a title block' if self.title_vectorizer is not None else ''})")
         if records.segmented:
             # At prediction time raw text is cut by jieba; words the pre-segmented data never had (its stop words
             # among them) are dropped so word n-grams form across the same neighbours as in training.
@@ -594,6 +647,17 @@ class TriageModel:
         self._weights = {}
         self.__dict__.pop("_stacked", None)
         return self
+
+    def _fit_title_block(self, records: RecordSet, X: sp.csr_matrix) -> sp.csr_matrix:
+        """Fit the title block when it is on and the records have titles; ``X`` with the block appended."""
+        self.title_vectorizer = None
+        if self.features_config.title_weight <= 0 or records.segmented:
+            return X
+        title_tokens = self.title_tokens(records.model_texts)
+        if not any(title_tokens):
+            return X
+        self.title_vectorizer = build_vectorizer(self.features_config)
+        return self._stack_title_block(X, self.title_vectorizer.fit_transform(title_tokens))
 
     def _link_targets(self, records: RecordSet) -> list[LinkedTargets]:
         """The configured target pairs the data has, with the label pairs seen together in training."""
@@ -678,7 +742,13 @@ class TriageModel:
     def record_features(self, records: RecordSet) -> sp.csr_matrix:
         """The feature matrix of loaded records, tokenised the way their format requires."""
         self._require_fitted()
-        return self.transform_tokens(self.record_tokens(records))
+        if self.title_vectorizer is not None and not records.segmented:
+            return self.transform(records.model_texts)
+        X = self.transform_tokens(self.record_tokens(records))
+        if self.title_vectorizer is not None:  # pre-segmented records have no titles: an empty title block
+            X = sp.hstack([X, sp.csr_matrix((X.shape[0], len(feature_names(self.title_vectorizer))), dtype=X.dtype)],
+                          format="csr")
+        return X
 
     def predict_records(self, records: RecordSet) -> dict[str, TargetPredictions]:
         """Predictions for loaded records, tokenised the way their format requires."""

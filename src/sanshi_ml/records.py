@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from sanshi_ml.config import ColumnsConfig
-from sanshi_ml.text import compose
+from sanshi_ml.text import model_input
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +109,10 @@ class RecordSet:
 
     @property
     def model_texts(self) -> list[str]:
-        """The texts a model sees: the segmented column if there is one, else title and text joined."""
+        """The texts a model sees: the segmented column if there is one, else title and text (:func:`model_input`)."""
         if self.segmented:
             return self.frame["segmented"].tolist()
-        return [compose(t, x) for t, x in zip(self.frame["title"], self.frame["text"])]
+        return [model_input(t, x) for t, x in zip(self.frame["title"], self.frame["text"])]
 
     def labels(self, target: str) -> np.ndarray:
         return self.frame[target].to_numpy(dtype=object)

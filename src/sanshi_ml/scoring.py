@@ -39,7 +39,7 @@ from sanshi_ml.artifacts import atomic_write_bytes
 from sanshi_ml.records import (CSV_SUFFIXES, EXCEL_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES, ColumnMap, RecordError,
                                canonical_frame, iter_table, resolve_columns)
 from sanshi_ml.suggest import STATUS_OK, Suggester, text_status
-from sanshi_ml.text import compose
+from sanshi_ml.text import model_input
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,8 @@ def score_chunk(raw: pd.DataFrame, suggester: Suggester, spec: ScoringSpec, sour
     canon = canonical_frame(raw, spec.columns, source, row_offset)
     statuses = _row_statuses(raw, canon, spec, problems)
     good = np.flatnonzero(statuses == STATUS_OK)
-    texts = [compose(title, text) for title, text in zip(canon["title"].to_numpy()[good],
-                                                          canon["text"].to_numpy()[good])]
+    texts = [model_input(title, text) for title, text in zip(canon["title"].to_numpy()[good],
+                                                              canon["text"].to_numpy()[good])]
     scored = [suggester.score_frame(texts[i:i + SCORE_BATCH]) for i in range(0, len(texts), SCORE_BATCH)]
     schema = output_schema(suggester, spec.keep_cols)
     n = len(canon)

@@ -23,7 +23,7 @@ import pandas as pd
 from sanshi_ml.artifacts import LoadedModel
 from sanshi_ml.model import TargetPredictions, TriageModel
 from sanshi_ml.policy import TriagePolicy, load_policy
-from sanshi_ml.text import compose
+from sanshi_ml.text import model_input
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class Suggester:
     def suggest(self, records: Sequence[tuple[str | None, str]], top_k: int = 3,
                 explain: bool = True) -> list[dict]:
         """Full suggestions for (title, text) pairs: everything a clerk's screen shows."""
-        texts = [compose(title, text) for title, text in records]
+        texts = [model_input(title, text) for title, text in records]
         batch, X = self.predict(texts)
         reasons = {t: self.model.reason_terms(X, t, batch.predictions[t].index) if explain else None
                    for t in self.targets}

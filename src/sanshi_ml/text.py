@@ -170,12 +170,31 @@ def nfkc_many(texts: Sequence[str]) -> list[str]:
 
 
 def compose(title: str | None, text: str | None) -> str:
-    """The model's input: title and text joined, the way records are joined at training time."""
+    """Title and text as one human-readable string (an export's single text cell): joined by a newline."""
     title = (title or "").strip()
     text = (text or "").strip()
     if title and text:
         return f"{title}\n{text}"
     return title or text
+
+
+# Ends the title in a model's input string (the ASCII unit separator; model_input turns any inside a title or text
+# into a space). str.split() counts it as whitespace, so normalising a whole input string makes it a space, exactly
+# like the newline that joined title and text before titles had a feature block of their own.
+TITLE_END = "\x1f"
+
+
+def model_input(title: str | None, text: str | None) -> str:
+    """The string a model reads: the title, :data:`TITLE_END`, then the text; without a title, the text alone."""
+    title = (title or "").replace(TITLE_END, " ").strip()
+    text = (text or "").replace(TITLE_END, " ").strip()
+    return f"{title}{TITLE_END}{text}" if title else text
+
+
+def split_title(text: str) -> tuple[str, str]:
+    """(title, text) of a :func:`model_input` string; a string without a title is all text."""
+    title, found, body = text.partition(TITLE_END)
+    return (title, body) if found else ("", text)
 
 
 def _read_word_list(path: str | Path) -> list[str]:

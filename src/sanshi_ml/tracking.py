@@ -194,13 +194,13 @@ class SanshiTriageModel(mlflow.pyfunc.PythonModel):
         self.suggester = Suggester.from_loaded(load_model(context.artifacts[SANSHI_ARTIFACT]))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from sanshi_ml.text import compose
+        from sanshi_ml.text import model_input as input_string  # the argument's name is MLflow's
 
         frame = pd.DataFrame(model_input)
         if "text" not in frame:
             raise TrackingError("input needs a 'text' column (and optionally 'title')")
         titles = frame["title"] if "title" in frame else [None] * len(frame)
-        texts = [compose(t if isinstance(t, str) else None, x if isinstance(x, str) else "")
+        texts = [input_string(t if isinstance(t, str) else None, x if isinstance(x, str) else "")
                  for t, x in zip(titles, frame["text"])]
         return self.suggester.score_frame(texts)
 

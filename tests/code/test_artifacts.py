@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 from sanshi_ml.artifacts import ArtifactError, load_model, read_metadata, sha256_file
+from sanshi_ml.text import model_input
 
 
 def test_metadata_records_what_a_model_needs_to_be_trusted(demo_model_dir):
@@ -108,20 +109,27 @@ def test_vocabularies_are_packed_for_fast_loading_and_restored_exactly(demo_mode
 
     model = load_model(demo_model_dir).model
     state = model.__getstate__()
-    assert all(isinstance(v.vocabulary_, _PackedStrings) for _, v in state["vectorizer"].transformer_list)
+    for name in ("vectorizer", "title_vectorizer"):
+        assert all(isinstance(v.vocabulary_, _PackedStrings) for _, v in state[name].transformer_list)
     assert isinstance(state["word_names"], _PackedStrings)
     assert all(isinstance(v.vocabulary_, dict) for _, v in model.vectorizer.transformer_list)  # live model as it was
-    texts = ["小区电梯坏了一个多月物业不修", "楼上噪音扰民", ""]
+    texts = ["小区电梯坏了一个多月物业不修", "楼上噪音扰民", "", model_input("电梯故障", "一个多月没人修")]
     expected, _ = model.predict(texts)
     clone = pickle.loads(pickle.dumps(model))
     old_layout = TriageModel.__new__(TriageModel)  # an artifact saved before packing: plain dicts and arrays
-    old_layout.__setstate__({**model.__getstate__(), "vectorizer": model.vectorizer, "word_names": model.word_names})
+    old_layout.__setstate__({**model.__getstate__(), "vectorizer": model.vectorizer,
+                             "title_vectorizer": model.title_vectorizer, "word_names": model.word_names})
     for other in (clone, old_layout):
-        for (_, mine), (_, theirs) in zip(model.vectorizer.transformer_list, other.vectorizer.transformer_list):
-            assert list(theirs.vocabulary_.items()) == list(mine.vocabulary_.items())  # same keys, same order
+        for name in ("vectorizer", "title_vectorizer"):
+            pairs = zip(getattr(model, name).transformer_list, getattr(other, name).transformer_list)
+            for (_, mine), (_, theirs) in pairs:
+                assert list(theirs.vocabulary_.items()) == list(mine.vocabulary_.items())  # same keys, same order
         assert other.word_names.dtype == object and np.array_equal(other.word_names, model.word_names)
         got, _ = other.predict(texts)
         assert all(np.array_equal(got[t].proba, expected[t].proba) for t in expected)
+    before_titles = TriageModel.__new__(TriageModel)  # an artifact saved before the title block
+    before_titles.__setstate__({k: v for k, v in model.__getstate__().items() if k != "title_vectorizer"})
+    assert before_titles.title_vectorizer is None
 
 
 def test_strings_holding_the_separator_are_stored_unpacked():

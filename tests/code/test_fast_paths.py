@@ -13,7 +13,7 @@ import pytest
 
 from sanshi_ml.config import FeaturesConfig
 from sanshi_ml.features import FastTfidf, build_vectorizer
-from sanshi_ml.text import _PII_PATTERNS, Segmenter, nfkc_many, normalize, normalize_many
+from sanshi_ml.text import _PII_PATTERNS, Segmenter, model_input, nfkc_many, normalize, normalize_many
 
 TEXTS = [
     "A3区青青家园小区的电梯坏了一个多月，物业一直不修", "楼上邻居每天深夜拖动家具，噪音太大，沟通无果",
@@ -22,6 +22,23 @@ TEXTS = [
     "建议周末延长地铁末班车时间", "咨询社保转移手续怎么办理", "小区停车位被外来车辆占用", "e\u0301\u0323 ﬁ ㎡ ①",
     "未分配\u0378码位和\U000e0001标签", "Email me: PHONE idnum", "  \n\t ", "身份证430102199001011234",
 ] * 3
+
+
+# Model input strings with titles: a title and a text, a title alone, an empty title, and the hard texts above.
+TITLED = [model_input(title, text) for title, text in zip(
+    ["电梯故障", "噪音扰民", "", "咨询社保", "湘A12345占道", "标题里有13800001234", "\x1f只有标题", "請儘快維修"] * 3,
+    [t for t in TEXTS if t.strip()][:8] + [""] * 8 + TEXTS[:8])]
+
+
+def _sklearn_features(model, texts):
+    """The model's features from sklearn's own transforms of the plainly cut tokens, the title block included."""
+    import scipy.sparse as sp
+
+    X = model.vectorizer.transform(model.tokens(texts))
+    if model.title_vectorizer is None:
+        return X
+    X_title = model.title_vectorizer.transform(model.title_tokens(texts))
+    return sp.hstack([X, X_title * np.float32(model.features_config.title_weight)], format="csr")
 
 
 def _plain_pii() -> dict[str, re.Pattern[str]]:
@@ -139,12 +156,28 @@ def test_model_predictions_are_unchanged_by_the_fast_path(demo_model_dir):
     from sanshi_ml.artifacts import load_model
 
     model = load_model(demo_model_dir).model
-    texts = [t for t in TEXTS if t.strip()]
-    slow = model.vectorizer.transform(model.tokens(texts))
-    predictions, X = model.predict(texts)
-    assert (X != slow).nnz == 0
-    for name, pred in model.predict_features(slow).items():
-        assert np.array_equal(predictions[name].proba, pred.proba)
+    assert model.title_vectorizer is not None  # the demo records have titles
+    for texts in ([t for t in TEXTS if t.strip()], TITLED):
+        slow = _sklearn_features(model, texts)
+        predictions, X = model.predict(texts)
+        assert X.shape == slow.shape and (X != slow).nnz == 0
+        for name, pred in model.predict_features(slow).items():
+            assert np.array_equal(predictions[name].proba, pred.proba)
+
+
+def test_the_title_block_reads_the_title_alone_and_weighs_it_as_configured(demo_model_dir):
+    from sanshi_ml.artifacts import load_model
+
+    model = load_model(demo_model_dir).model
+    n_text = len(model.vectorizer.get_feature_names_out())
+    title, text = "电梯故障", "小区的电梯坏了一个多月，物业一直不修"
+    with_title, without_title, title_only = model.transform(
+        [model_input(title, text), model_input(None, text), model_input(title, "")]).toarray()
+    assert not without_title[n_text:].any()  # no title, an empty title block
+    assert with_title[n_text:].any() and np.array_equal(with_title[n_text:], title_only[n_text:])
+    # every part (word, char) of both blocks is L2-normalised, then the title block is scaled by its weight
+    ratio = np.linalg.norm(with_title[n_text:]) / np.linalg.norm(with_title[:n_text])
+    assert np.isclose(ratio, model.features_config.title_weight, atol=1e-6)
 
 
 def test_stacked_heads_give_sklearns_probabilities_bit_for_bit_binary_heads_too_float32_weights(repo_params):
@@ -179,9 +212,19 @@ def test_model_falls_back_to_sklearn_on_the_tokens_of_the_one_joined_cut(demo_mo
     from sanshi_ml.artifacts import load_model
 
     model = load_model(demo_model_dir).model
+    model.title_vectorizer = None  # the path of a model without a title block
     texts = [t for t in TEXTS if t.strip()]
     expected = model.vectorizer.transform(model.tokens(texts))
     fast = model._fast_tfidf()
     monkeypatch.setattr(fast, "transform_joined", lambda *a, **k: None)  # as when a kept token holds a space
     monkeypatch.setattr(model.segmenter, "raw_cut_many", lambda _t: pytest.fail("cut a second time"))
     assert (model.transform(texts) != expected).nnz == 0
+
+
+def test_model_with_a_title_block_falls_back_to_sklearn_with_the_same_features(demo_model_dir, monkeypatch):
+    from sanshi_ml.artifacts import load_model
+
+    model = load_model(demo_model_dir).model
+    expected = _sklearn_features(model, TITLED)
+    monkeypatch.setattr(model._fast_tfidf("title_vectorizer"), "transform_flat", lambda *a, **k: None)
+    assert (model.transform(TITLED) != expected).nnz == 0

@@ -82,3 +82,31 @@ def test_score_frame_agrees_with_suggest(loaded):
 ])
 def test_text_status(value, status):
     assert text_status(value, max_chars=100) == status
+
+
+def test_title_block_only_where_it_is_on_and_the_records_have_titles(repo_params):
+    import pandas as pd
+
+    from sanshi_ml.model import TriageModel
+    from sanshi_ml.records import ColumnMap, to_records
+    from tests.conftest import DEMO_CSV
+
+    frame = pd.read_csv(DEMO_CSV, dtype=str)
+    titled = to_records(frame, ColumnMap(text_cols=("标题", "诉求内容"), targets={"sanshi": "三事"}), "demo")
+    frame["分词"] = frame["诉求内容"].str.replace("，", " ")
+    segmented = to_records(frame, ColumnMap(segmented_col="分词", targets={"sanshi": "三事"}), "demo")
+    quiet = {"progress": lambda _m: None}
+
+    def fit(records, weight):
+        features = repo_params.features.model_copy(update={"title_weight": weight})
+        return TriageModel(repo_params.text, features, repo_params.train).fit(records, **quiet)
+
+    with_titles = fit(titled, 0.5)
+    n_text = len(with_titles.vectorizer.get_feature_names_out())
+    n_title = len(with_titles.title_vectorizer.get_feature_names_out())
+    assert with_titles.record_features(titled).shape[1] == n_text + n_title
+    # pre-segmented records have no titles: their features carry an empty title block
+    X = with_titles.record_features(segmented)
+    assert X.shape[1] == n_text + n_title and X[:, n_text:].nnz == 0
+    assert fit(titled, 0.0).title_vectorizer is None
+    assert fit(segmented, 0.5).title_vectorizer is None

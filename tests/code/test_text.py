@@ -4,7 +4,8 @@ import pickle
 
 import pytest
 
-from sanshi_ml.text import Segmenter, compose, mask_pii, normalize, split_segmented, strip_html
+from sanshi_ml.text import (
+    TITLE_END, Segmenter, compose, mask_pii, model_input, normalize, split_segmented, split_title, strip_html)
 
 
 def test_nfkc_folds_full_width_forms():
@@ -55,6 +56,16 @@ def test_compose_joins_title_and_text():
     assert compose("标题", "内容") == "标题\n内容"
     assert compose(None, "内容") == "内容"
     assert compose("标题", "") == "标题"
+
+
+def test_model_input_marks_the_title_and_split_title_recovers_it():
+    assert split_title(model_input(" 标题 ", "内容\n第二行")) == ("标题", "内容\n第二行")
+    assert model_input(None, "内容") == "内容" and split_title("内容") == ("", "内容")
+    assert split_title(model_input("标题", "")) == ("标题", "")
+    # a separator inside a cell cannot move the boundary
+    assert split_title(model_input(f"a{TITLE_END}b", f"c{TITLE_END}d")) == ("a b", "c d")
+    # normalising the whole string reads the boundary as a space, as the newline that compose puts there
+    assert normalize(model_input("标题", "内容")) == normalize(compose("标题", "内容")) == "标题 内容"
 
 
 @pytest.fixture(scope="module", params=["rjieba", "jieba"])
