@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import compress
 
 import numpy as np
 import scipy.sparse as sp
@@ -26,9 +25,9 @@ from sklearn.svm import LinearSVC
 
 from sanshi_ml.config import FeaturesConfig, TextConfig, TrainConfig
 from sanshi_ml.decoding import LinkedTargets
-from sanshi_ml.features import FastTfidf, build_vectorizer, feature_names, joined_text_of
+from sanshi_ml.features import FastTfidf, TokenCodes, build_vectorizer, feature_names, joined_text_of
 from sanshi_ml.records import RecordSet, grouped_stratified_split
-from sanshi_ml.text import Segmenter, normalize, normalize_many, split_title
+from sanshi_ml.text import TITLE_MARK, Segmenter, mark_titles, normalize, normalize_many, split_title
 
 log = logging.getLogger(__name__)
 
@@ -390,6 +389,16 @@ class _PackedStrings:
         return strings if packed.values is None else dict(zip(strings, packed.values.tolist()))
 
 
+def _title_positions(marks: np.ndarray, separators: np.ndarray, text_of: np.ndarray) -> np.ndarray:
+    """Positions of the title tokens among the tokens of marked texts cut in one call: in each text, the tokens
+    before its :data:`~sanshi_ml.text.TITLE_MARK` (at ``marks``; a text without one has no title)."""
+    text_starts = np.concatenate([[0], np.asarray(separators, dtype=np.int64) + 1])
+    starts = text_starts[text_of[marks]]
+    lengths = marks - starts
+    offsets = np.cumsum(lengths) - lengths
+    return np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(starts - offsets, lengths)
+
+
 def _with_vocabularies(union, convert: Callable):
     """A shallow copy of a fitted feature union whose vectorisers' ``vocabulary_`` went through ``convert``."""
     if not isinstance(union, FeatureUnion):
@@ -535,41 +544,51 @@ class TriageModel:
             return self.vectorizer.transform(self.tokens(texts))
         # The segmenter's raw tokens go straight to the fast path, which applies the filter's verdicts itself.
         normalized = self.normalize_many(texts)
-        joined = self.segmenter.raw_cut_joined(normalized)
+        joined = self._joined_cut(normalized)
         if joined is None:
             raw = self.segmenter.raw_cut_many(normalized)
             X = fast.transform(raw, raw=True)
         else:
-            X = fast.transform_joined(*joined, n_docs=len(normalized))
-            raw = Segmenter.split_joined(*joined) if X is None else None
+            tokens, codes, separators = joined
+            X = fast.transform_codes(codes, joined_text_of(len(tokens), separators), len(normalized), raw=True)
+            raw = Segmenter.split_joined(tokens, separators) if X is None else None
         # None: a kept token holds a space, which the fast path cannot key; sklearn's transform of the same tokens.
         return self.vectorizer.transform([self.segmenter.filter(t) for t in raw]) if X is None else X
 
+    def _joined_cut(self, normalized: list[str]) -> tuple[list[str], TokenCodes, np.ndarray] | None:
+        """All texts cut in one call (:meth:`Segmenter.raw_cut_joined`): the tokens, encoded once, and the positions
+        of the separators; None when the texts cannot be told apart that way."""
+        tokens = self.segmenter.raw_cut_joined(normalized)
+        if tokens is None:
+            return None
+        codes = TokenCodes.of(tokens)
+        separators = codes.positions(Segmenter.JOIN)
+        return (tokens, codes, separators) if len(separators) == len(normalized) - 1 else None
+
     def _transform_with_titles(self, texts: Sequence[str]) -> sp.csr_matrix:
-        """:meth:`transform` for a model with a title block: titles and texts are cut in one call, alternately, and
-        the same tokens feed both blocks (the whole text's n-grams run on from its title into its text, as when
-        the joined string is cut, because the separator between the two is a token the filter drops)."""
-        split = [split_title(text) for text in texts]
-        titles = self.normalize_many([title for title, _ in split])
-        bodies = self.normalize_many([body for _, body in split])
-        parts = [part for pair in zip(titles, bodies) for part in pair]
+        """:meth:`transform` for a model with a title block. Each string is normalised and cut whole, with the
+        title's end as a token of its own (:func:`sanshi_ml.text.mark_titles`), which the filter drops: the whole
+        text's block is what cutting the joined title and text gives, and the tokens before the mark feed the
+        title block as well."""
+        normalized = self.normalize_many(mark_titles(texts))
         fast, fast_title = self._fast_tfidf(), self._fast_tfidf("title_vectorizer")
-        joined = self.segmenter.raw_cut_joined(parts) if fast and fast_title else None
+        joined = self._joined_cut(normalized) if fast and fast_title else None
         if joined is not None:
-            tokens, separators = joined
-            part_of = joined_text_of(len(tokens), separators)
-            in_title = (part_of & 1) == 0
-            doc_of = part_of >> 1
-            X = fast.transform_flat(tokens, doc_of, len(texts), raw=True)
-            X_title = fast_title.transform_flat(list(compress(tokens, in_title)), doc_of[in_title], len(texts),
-                                                raw=True)
+            tokens, codes, separators = joined
+            doc_of = joined_text_of(len(tokens), separators)
+            in_title = _title_positions(codes.positions(TITLE_MARK), separators, doc_of)
+            X = fast.transform_codes(codes, doc_of, len(texts), raw=True)
+            X_title = fast_title.transform_codes(codes.subset(in_title), doc_of[in_title], len(texts), raw=True)
             if X is not None and X_title is not None:
                 return self._stack_title_block(X, X_title)
-        cut = self.segmenter.cut_many(parts)
-        title_tokens = cut[0::2]
-        return self._stack_title_block(
-            self.vectorizer.transform([title + body for title, body in zip(title_tokens, cut[1::2])]),
-            self.title_vectorizer.transform(title_tokens))
+        if joined is None:
+            raw = self.segmenter.raw_cut_many(normalized)
+        else:
+            raw = Segmenter.split_joined(joined[0], joined[2])
+        keep = self.segmenter.filter
+        titles = [keep(tokens[:tokens.index(TITLE_MARK)]) if TITLE_MARK in tokens else [] for tokens in raw]
+        return self._stack_title_block(self.vectorizer.transform([keep(tokens) for tokens in raw]),
+                                       self.title_vectorizer.transform(titles))
 
     def _stack_title_block(self, X: sp.csr_matrix, X_title: sp.csr_matrix) -> sp.csr_matrix:
         X_title = X_title.tocsr()

@@ -197,6 +197,20 @@ def split_title(text: str) -> tuple[str, str]:
     return (title, body) if found else ("", text)
 
 
+# The title's end as a token of its own: a private-use character, which normalisation leaves as it is, both
+# segmenters cut off on its own between the spaces around it, and the filter drops as a non-word token.
+TITLE_MARK = "\ue000"
+
+
+def mark_titles(texts: Sequence[str]) -> list[str]:
+    """:func:`model_input` strings with the title's end spelled " TITLE_MARK ", so that a whole string can be
+    normalised and cut at once and the title's tokens still be told apart (those before the mark). A mark already in
+    a text (private-use characters do turn up in old exports) becomes a space, which cuts the text the same way."""
+    marked = f" {TITLE_MARK} "
+    return [(text.replace(TITLE_MARK, " ") if TITLE_MARK in text else text).replace(TITLE_END, marked, 1)
+            for text in texts]
+
+
 def _read_word_list(path: str | Path) -> list[str]:
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
@@ -335,29 +349,22 @@ class Segmenter:
 
     JOIN = "\n"  # normalised texts hold no newline, and the segmenters give each one its own token
 
-    def raw_cut_joined(self, texts: Sequence[str]) -> tuple[list[str], list[int]] | None:
+    def raw_cut_joined(self, texts: Sequence[str]) -> list[str] | None:
         """The raw tokens of all ``texts`` from one call of the segmenter, texts joined by a newline.
 
-        Returns the tokens, the newlines among them included, and the positions of those newlines (text ``i``'s
-        tokens lie between the ``i-1``-th and ``i``-th); None when the texts cannot be told apart that way (a text
-        holds a newline, or the segmenter merged one into another token): then use :meth:`raw_cut_many`. Both
-        segmenters cut text in blocks that end at whitespace, so the tokens are those of the texts cut one by one
-        (tests/code/test_fast_paths.py), and one call instead of one per text saves rjieba a fifth of its time.
+        Text ``i``'s tokens lie between the ``i-1``-th and ``i``-th newline token. None when a text holds a newline
+        itself: then use :meth:`raw_cut_many`. The caller finds the newline tokens (by code, see
+        :class:`sanshi_ml.features.TokenCodes`) and must check there are ``len(texts) - 1`` of them, in case the
+        segmenter merged one into another token. Both segmenters cut text in blocks that end at whitespace, so the
+        tokens are those of the texts cut one by one (tests/code/test_fast_paths.py), and one call instead of one
+        per text saves rjieba a fifth of its time.
         """
         if self._cut is None:
             self._build()
         joined = self.JOIN.join(texts)
         if not texts or joined.count(self.JOIN) != len(texts) - 1:
             return None
-        tokens = self._cut(joined)
-        separators, find, at = [], tokens.index, -1
-        try:
-            for _ in range(len(texts) - 1):
-                at = find(self.JOIN, at + 1)  # list.index compares in C: a fraction of a Python loop's time
-                separators.append(at)
-        except ValueError:
-            return None
-        return tokens, separators
+        return self._cut(joined)
 
     @staticmethod
     def split_joined(tokens: list[str], separators: list[int]) -> list[list[str]]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from sanshi_ml.config import FeaturesConfig
-from sanshi_ml.features import FastTfidf, build_vectorizer
+from sanshi_ml.features import FastTfidf, TokenCodes, build_vectorizer, joined_text_of
 from sanshi_ml.text import _PII_PATTERNS, Segmenter, model_input, nfkc_many, normalize, normalize_many
 
 TEXTS = [
@@ -27,7 +27,7 @@ TEXTS = [
 # Model input strings with titles: a title and a text, a title alone, an empty title, and the hard texts above.
 TITLED = [model_input(title, text) for title, text in zip(
     ["电梯故障", "噪音扰民", "", "咨询社保", "湘A12345占道", "标题里有13800001234", "\x1f只有标题", "請儘快維修"] * 3,
-    [t for t in TEXTS if t.strip()][:8] + [""] * 8 + TEXTS[:8])]
+    [t for t in TEXTS if t.strip()][:8] + [""] * 8 + TEXTS[:7] + ["正文里有私用区字符\ue000在中间"])]
 
 
 def _sklearn_features(model, texts):
@@ -108,9 +108,10 @@ def test_fast_tfidf_equals_the_fitted_union_bit_for_bit(config):
     filtered = [segmenter.filter(tokens) for tokens in raw]
     expected = union.transform(filtered).tocsr()
     joined = segmenter.raw_cut_joined(normalize_many(TEXTS))
-    assert joined is not None
+    codes = TokenCodes.of(joined)
+    text_of = joined_text_of(len(joined), codes.positions(Segmenter.JOIN))
     for got in (fast.transform(filtered), fast.transform(raw, raw=True), fast.transform(filtered),
-                fast.transform_joined(*joined, n_docs=len(TEXTS))):
+                fast.transform_codes(codes, text_of, len(TEXTS), raw=True)):
         assert got.shape == expected.shape and got.dtype == expected.dtype
         assert np.array_equal(got.indptr, expected.indptr)
         assert np.array_equal(got.indices, expected.indices)
@@ -121,7 +122,9 @@ def test_fast_tfidf_equals_the_fitted_union_bit_for_bit(config):
 def test_one_joined_cut_gives_each_texts_own_tokens(backend):
     segmenter = Segmenter(backend)
     texts = normalize_many(TEXTS) + ["", "a.", "-b", "", "x", "物业", ""]
-    tokens, separators = segmenter.raw_cut_joined(texts)
+    tokens = segmenter.raw_cut_joined(texts)
+    separators = TokenCodes.of(tokens).positions(Segmenter.JOIN).tolist()
+    assert separators == [i for i, token in enumerate(tokens) if token == Segmenter.JOIN]
     assert len(separators) == len(texts) - 1
     bounds = [-1, *separators, len(tokens)]
     assert [tokens[a + 1:b] for a, b in zip(bounds, bounds[1:])] == segmenter.raw_cut_many(texts)
@@ -129,7 +132,7 @@ def test_one_joined_cut_gives_each_texts_own_tokens(backend):
     # A text that holds a newline (never a normalised one) cannot be told apart: the caller cuts one by one.
     assert segmenter.raw_cut_joined(["第一行\n第二行", "别的"]) is None
     assert segmenter.raw_cut_joined([]) is None
-    assert segmenter.raw_cut_joined(["只有一条"]) == (segmenter.raw_cut("只有一条"), [])
+    assert segmenter.raw_cut_joined(["只有一条"]) == segmenter.raw_cut("只有一条")
 
 
 def test_fast_tfidf_declines_what_it_cannot_reproduce():
@@ -216,7 +219,7 @@ def test_model_falls_back_to_sklearn_on_the_tokens_of_the_one_joined_cut(demo_mo
     texts = [t for t in TEXTS if t.strip()]
     expected = model.vectorizer.transform(model.tokens(texts))
     fast = model._fast_tfidf()
-    monkeypatch.setattr(fast, "transform_joined", lambda *a, **k: None)  # as when a kept token holds a space
+    monkeypatch.setattr(fast, "transform_codes", lambda *a, **k: None)  # as when a kept token holds a space
     monkeypatch.setattr(model.segmenter, "raw_cut_many", lambda _t: pytest.fail("cut a second time"))
     assert (model.transform(texts) != expected).nnz == 0
 
@@ -226,5 +229,10 @@ def test_model_with_a_title_block_falls_back_to_sklearn_with_the_same_features(d
 
     model = load_model(demo_model_dir).model
     expected = _sklearn_features(model, TITLED)
-    monkeypatch.setattr(model._fast_tfidf("title_vectorizer"), "transform_flat", lambda *a, **k: None)
+    with monkeypatch.context() as patch:  # the fast path needs neither sklearn's transform nor a cut per text
+        for vectorizer in (model.vectorizer, model.title_vectorizer):
+            patch.setattr(vectorizer, "transform", lambda _t: pytest.fail("sklearn's transform"))
+        patch.setattr(model.segmenter, "raw_cut_many", lambda _t: pytest.fail("cut per text"))
+        assert (model.transform(TITLED) != expected).nnz == 0
+    monkeypatch.setattr(model._fast_tfidf("title_vectorizer"), "transform_codes", lambda *a, **k: None)
     assert (model.transform(TITLED) != expected).nnz == 0

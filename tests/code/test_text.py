@@ -5,7 +5,8 @@ import pickle
 import pytest
 
 from sanshi_ml.text import (
-    TITLE_END, Segmenter, compose, mask_pii, model_input, normalize, split_segmented, split_title, strip_html)
+    TITLE_END, TITLE_MARK, Segmenter, compose, mark_titles, mask_pii, model_input, normalize, split_segmented,
+    split_title, strip_html)
 
 
 def test_nfkc_folds_full_width_forms():
@@ -66,6 +67,13 @@ def test_model_input_marks_the_title_and_split_title_recovers_it():
     assert split_title(model_input(f"a{TITLE_END}b", f"c{TITLE_END}d")) == ("a b", "c d")
     # normalising the whole string reads the boundary as a space, as the newline that compose puts there
     assert normalize(model_input("标题", "内容")) == normalize(compose("标题", "内容")) == "标题 内容"
+
+
+def test_mark_titles_spells_the_title_end_as_a_token_and_leaves_no_stray_mark():
+    marked = mark_titles([model_input("标题", "正文"), model_input(None, f"正文{TITLE_MARK}里"), "只有正文"])
+    assert marked == [f"标题 {TITLE_MARK} 正文", "正文 里", "只有正文"]
+    assert Segmenter().raw_cut(normalize(marked[0])) == ["标题", " ", TITLE_MARK, " ", "正文"]
+    assert Segmenter().filter([TITLE_MARK]) == []
 
 
 @pytest.fixture(scope="module", params=["rjieba", "jieba"])
