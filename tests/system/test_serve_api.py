@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from sanshi_ml.artifacts import load_model
 from sanshi_ml.suggest import Suggester
+from sanshi_ml.text import model_input
 from serve.app import create_app
 from tests.conftest import DEMO_CSV
 from tests.system.serve_support import API_KEY, make_settings, wait_ready, wait_settled
@@ -140,7 +141,7 @@ def test_suggest_is_the_same_answer_as_the_suggester_and_batch_scoring(served, s
     expected = suggester.suggest([(TITLE, TEXT)], top_k=3)[0]
     body = served.post("/v1/suggest", json={"title": TITLE, "text": TEXT}).json()
     assert body == {"id": None, **expected}
-    frame = suggester.score_frame([f"{TITLE}\n{TEXT}"])
+    frame = suggester.score_frame([model_input(TITLE, TEXT)])
     for target, field in body["fields"].items():
         assert frame[target][0] == field["label"]
         assert float(frame[f"{target}_confidence"][0]) == pytest.approx(field["confidence"], rel=1e-6)
