@@ -2,9 +2,9 @@
 chosen on held-out data, and reason terms.
 
 Texts are normalised and segmented once; one TF-IDF matrix feeds every target's classifier. Where records have
-titles, the title's words get a second, down-weighted block of their own besides their place in the whole text. Each classifier is a
-LinearSVC wrapped in ``CalibratedClassifierCV`` (one final estimator trained on all rows, calibrated on
-out-of-fold decision values), so every prediction carries a probability for each label.
+titles, the title's words get a second, down-weighted block of their own besides their place in the whole text.
+Each classifier is a LinearSVC wrapped in ``CalibratedClassifierCV`` (one final estimator trained on all rows,
+calibrated on out-of-fold decision values), so every prediction carries a probability for each label.
 """
 
 from __future__ import annotations
@@ -534,8 +534,7 @@ class TriageModel:
         return self.tokens(records.model_texts)
 
     def transform(self, texts: Sequence[str]) -> sp.csr_matrix:
-        """TF-IDF features of model input strings: the whole text's block, then the title's block if the model has one.
-        """
+        """TF-IDF features of model input strings: the whole text's block, then the title block if the model has one."""
         self._require_fitted()
         if self.title_vectorizer is not None:
             return self._transform_with_titles(texts)
@@ -603,8 +602,7 @@ class TriageModel:
         return self.vectorizer.transform(tokens) if X is None else X
 
     def _fast_tfidf(self, name: str = "vectorizer") -> FastTfidf | bool:
-        """The fast transform for a vectoriser and this segmenter (built once; False if the union is not supported).
-        """
+        """The fast transform of vectoriser ``name`` with this segmenter (built once; False: union not supported)."""
         key = "_fast" if name == "vectorizer" else "_fast_title"
         fast = self.__dict__.get(key)
         if fast is None or (fast and fast.keep_owner is not self.segmenter):
