@@ -214,6 +214,15 @@ def _signature(output: pd.DataFrame):
 
 
 @contextmanager
+def _mlflow_errors(params: Params) -> Iterator[None]:
+    """An MLflow failure (store unreachable, experiment deleted …) as a one-line TrackingError naming the store."""
+    try:
+        yield
+    except MlflowException as error:
+        raise TrackingError(f"MLflow ({tracking_uri(params)}): {error.message}") from error
+
+
+@contextmanager
 def _quiet_downloads() -> Iterator[None]:
     """Without MLflow's per-file progress bars, which fill logs with one line per artifact."""
     key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
@@ -270,26 +279,23 @@ def log_training_run(result: TrainResult, params: Params, predictions: dict[str,
             "data_sources": json.dumps(data.get("sources", []), ensure_ascii=False),
             "sanshi_ml_version": meta.get("libraries", {}).get("sanshi-ml", "")}
     run_name = f"{Path(result.model_dir).name}-C{params.train.C:g}-{meta['artifact']['sha256'][:8]}"
-    try:
-        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
-            run_id = run.info.run_id
-            mlflow.log_params(flatten_params(params))
-            mlflow.log_metrics(run_metrics(result.metrics))
-            mlflow.log_dict({"data": data, "targets": meta.get("targets", {}), "policy": meta.get("policy")},
-                            "training_summary.json")
-            with tempfile.TemporaryDirectory(prefix="sanshi-mlflow-") as tmp:
-                if test is not None:
-                    if predictions is None:
-                        predictions = result.model.predict_records(test)
-                    report_dir = Path(tmp) / REPORT_ARTIFACT
-                    write_report(result.metrics, test, predictions, report_dir,
-                                 {"scope": "the held-out split of the training data",
-                                  "data_sha256": data.get("sha256")})
-                    mlflow.log_artifacts(str(report_dir), REPORT_ARTIFACT)
-                with _quiet_downloads():
-                    mlflow.set_tag(TAG_MODEL_URI, _log_model(result, run_id, Path(tmp)))
-    except MlflowException as error:
-        raise TrackingError(f"MLflow ({tracking_uri(params)}): {error.message}") from error
+    with _mlflow_errors(params), mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+        run_id = run.info.run_id
+        mlflow.log_params(flatten_params(params))
+        mlflow.log_metrics(run_metrics(result.metrics))
+        mlflow.log_dict({"data": data, "targets": meta.get("targets", {}), "policy": meta.get("policy")},
+                        "training_summary.json")
+        with tempfile.TemporaryDirectory(prefix="sanshi-mlflow-") as tmp:
+            if test is not None:
+                if predictions is None:
+                    predictions = result.model.predict_records(test)
+                report_dir = Path(tmp) / REPORT_ARTIFACT
+                write_report(result.metrics, test, predictions, report_dir,
+                             {"scope": "the held-out split of the training data",
+                              "data_sha256": data.get("sha256")})
+                mlflow.log_artifacts(str(report_dir), REPORT_ARTIFACT)
+            with _quiet_downloads():
+                mlflow.set_tag(TAG_MODEL_URI, _log_model(result, run_id, Path(tmp)))
     log.info("logged MLflow run %s to %s", run_id, tracking_uri(params))
     return run_id
 
@@ -299,7 +305,7 @@ class TuningLog:
 
     def __init__(self, params: Params, *, target: str, cv: int, n_settings: int) -> None:
         self.params = params
-        try:
+        with _mlflow_errors(params):
             self.client = _client(params)
             self.experiment_id = _experiment_id(self.client, params.tracking.experiment)
             run = self.client.create_run(self.experiment_id, run_name=f"tune-{target}-cv{cv}",
@@ -308,8 +314,6 @@ class TuningLog:
             self.client.log_batch(self.parent_id, params=[Param(k, v) for k, v in {
                 "tune.target": target, "tune.cv": str(cv), "tune.n_settings": str(n_settings),
                 "tune.space": json.dumps(params.tune.space, ensure_ascii=False)}.items()])
-        except MlflowException as error:
-            raise TrackingError(f"MLflow ({tracking_uri(params)}): {error.message}") from error
 
     def log_trial(self, trial, trial_params: Params, cv_result: dict) -> str:
         """A nested run with the trial's full params and its per-target CV metrics (mean, sd and per fold)."""
@@ -322,7 +326,7 @@ class TuningLog:
                         metrics.append(Metric(metric_key("cv", target, key, stat), float(stats[stat]), now, 0))
                 for fold, value in enumerate(stats.get("folds", [])):
                     metrics.append(Metric(metric_key("cv", target, key, "fold"), float(value), now, fold))
-        try:
+        with _mlflow_errors(self.params):
             run = self.client.create_run(self.experiment_id, tags={MLFLOW_PARENT_RUN_ID: self.parent_id,
                                                                    MLFLOW_RUN_NAME: f"trial-{trial.number}",
                                                                    "sanshi.kind": "tune-trial",
@@ -331,8 +335,6 @@ class TuningLog:
             self.client.log_batch(run_id, metrics=metrics,
                                   params=[Param(k, v) for k, v in flatten_params(trial_params).items()])
             self.client.set_terminated(run_id)
-        except MlflowException as error:
-            raise TrackingError(f"MLflow ({tracking_uri(self.params)}): {error.message}") from error
         return run_id
 
     def finish(self, best) -> str:
