@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.special import log_softmax, softmax
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.linear_model._base import LinearClassifierMixin
@@ -183,9 +184,7 @@ class TargetHead:
         decision = estimator.decision_function(X)
         if decision.ndim == 1:  # binary: the decision value of classes_[1] against classes_[0]
             decision = np.column_stack([np.zeros_like(decision), decision])
-        decision = decision - decision.max(axis=1, keepdims=True)
-        proba = np.exp(decision)
-        proba /= proba.sum(axis=1, keepdims=True)
+        proba = softmax(decision, axis=1)
         out = np.zeros((X.shape[0], len(self.classes)))
         fitted = np.asarray(estimator.classes_)
         # sklearn fits the LinearSVC on the labels themselves, or (temperature scaling) on their codes.
@@ -199,11 +198,7 @@ def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
     (so accuracy and macro-F1 are untouched). ``T == 1`` returns ``proba`` itself."""
     if temperature == 1.0:
         return proba
-    z = np.log(np.maximum(proba, np.finfo(np.float64).tiny)) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
+    return softmax(np.log(np.maximum(proba, np.finfo(np.float64).tiny)) / temperature, axis=1)
 
 
 def label_columns(classes: Sequence[str], labels: Sequence[str]) -> np.ndarray:
@@ -224,9 +219,7 @@ def fit_temperature(proba: np.ndarray, true_column: np.ndarray) -> float:
     picked = true_column[rows]
 
     def nll(log_t: float) -> float:
-        z = log_p / np.exp(log_t)
-        z -= z.max(axis=1, keepdims=True)
-        return float(-(z[np.arange(len(rows)), picked] - np.log(np.exp(z).sum(axis=1))).mean())
+        return float(-log_softmax(log_p / np.exp(log_t), axis=1)[np.arange(len(rows)), picked].mean())
 
     return float(np.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
 
@@ -763,8 +756,7 @@ class TriageModel:
             return self.transform(records.model_texts)
         X = self.transform_tokens(self.record_tokens(records))
         if self.title_vectorizer is not None:  # pre-segmented records have no titles: an empty title block
-            X = sp.hstack([X, sp.csr_matrix((X.shape[0], len(feature_names(self.title_vectorizer))), dtype=X.dtype)],
-                          format="csr")
+            X = self._stack_title_block(X, self.title_vectorizer.transform([[]] * X.shape[0]))
         return X
 
     def predict_records(self, records: RecordSet) -> dict[str, TargetPredictions]:
