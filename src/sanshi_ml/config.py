@@ -99,35 +99,44 @@ class TrainConfig(_Section):
         description="pairs of targets decoded jointly: the pair of labels seen together in training with the "
                     "highest product of probabilities (pairs naming a target the data lacks are skipped)")
     calibration: Literal["sigmoid", "isotonic", "temperature"] = "sigmoid"
-    calibration_cv: int = Field(5, ge=2, description="calibration folds; fewer when a label has fewer rows")
+    calibration_cv: int = Field(5, ge=2, description=(
+        "cross-fitting folds (repeated texts kept together): their out-of-fold predictions calibrate the final "
+        "model and choose the temperature, prior correction, confidence map, review threshold and prediction sets; "
+        "fewer when a label has fewer rows"))
     min_label_rows: int = Field(3, ge=2, description="labels with fewer training rows are left out (and reported)")
     target_accuracy: float = Field(0.95, gt=0, le=1, description="accuracy of predictions accepted without review")
     target_accuracy_by_target: dict[str, float] = Field(default_factory=dict)
-    threshold_holdout: float = Field(0.2, gt=0, lt=1, description="share of training rows that choose the thresholds")
     prior_correction: list[float] = Field(
         default_factory=lambda: [0.0],
-        description="strengths tau of the prior correction tried on the threshold hold-out: the label chosen is the "
+        description="strengths tau of the prior correction tried on the out-of-fold predictions: the label chosen is the "
                     "argmax of p(label) / prior(label)^tau, tau maximising the hold-out macro-F1 (probabilities "
                     "and confidences stay calibrated); [0] turns it off")
     prior_correction_by_target: dict[str, list[float]] = Field(
         default_factory=lambda: {"sanshi": [0.0, 0.25, 0.5, 0.75, 1.0]},
         description="per-target strengths, instead of prior_correction; by default only 三事, whose rare 共事 and 家事 "
-                    "are what triage is for (on other targets a small hold-out can over-correct toward rare labels)")
+                    "are what triage is for (on other targets it can over-correct toward rare labels)")
     recalibrate: Literal["none", "temperature"] = Field(
         "temperature", description="a second step on the calibrated probabilities: one temperature per target, fitted "
-                                   "on the threshold hold-out; it never changes the predicted label")
+                                   "on the out-of-fold predictions; it never changes the predicted label")
+    confidence_calibration: Literal["none", "isotonic"] = Field(
+        "isotonic", description="a last step on the confidence, the chosen label's probability: a monotone map to "
+                                "the chance that the label is right (top-label calibration), fitted on the "
+                                "out-of-fold predictions; it keeps the confidence ranking and never changes a label")
     conformal_level: float = Field(0.9, gt=0, lt=1, description="share of records whose conformal prediction set "
-                                                               "holds the true label; calibrated on the threshold "
-                                                               "hold-out")
-    n_jobs: int = Field(-1, description="parallel calibration folds; -1 uses every core")
+                                                               "holds the true label; calibrated on the "
+                                                               "out-of-fold predictions")
+    n_jobs: int = Field(-1, description="parallel cross-fitting folds; -1 uses every core")
     reason_terms: int = Field(5, ge=0, le=50)
 
     @model_validator(mode="before")
     @classmethod
-    def _no_default_temperature_after_isotonic(cls, data: Any) -> Any:
+    def _older_settings_load(cls, data: Any) -> Any:
         # Settings written before `recalibrate` existed (a model's pickled config, its metadata) keep loading.
         if isinstance(data, dict) and data.get("calibration") == "isotonic" and "recalibrate" not in data:
-            return {**data, "recalibrate": "none"}
+            data = {**data, "recalibrate": "none"}
+        # Before cross-fitting, one hold-out of this share chose the thresholds; its settings still load.
+        if isinstance(data, dict) and "threshold_holdout" in data:
+            data = {key: value for key, value in data.items() if key != "threshold_holdout"}
         return data
 
     @model_validator(mode="after")

@@ -368,12 +368,17 @@ def grouped_stratified_split(groups: np.ndarray, labels: np.ndarray, test_size: 
 def fold_indices(records: RecordSet, k: int, seed: int,
                  stratify_target: str | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """K stratified folds that keep duplicate texts together."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
     target = stratify_target or records.targets[0]
     y = records.frame[target].fillna("<missing>").astype(str).to_numpy(dtype=object)
+    return grouped_folds(records.frame["group"].to_numpy(), y, k, seed)
+
+
+def grouped_folds(groups: np.ndarray, labels: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K folds of row positions, stratified by label, each group wholly in one fold."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    return list(splitter.split(np.zeros(len(y)), y, groups=records.frame["group"].to_numpy()))
+    return list(splitter.split(np.zeros(len(labels)), labels, groups=groups))
 
 
 def subset(records: RecordSet, index: np.ndarray) -> RecordSet:

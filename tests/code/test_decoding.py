@@ -65,9 +65,10 @@ def test_linked_heads_only_ever_suggest_pairs_seen_in_training(repo_params, clas
     pairs = set(zip(predictions["sanshi"].labels, predictions["unit"].labels))
     assert pairs <= seen
     assert isinstance(model._stacked, StackedHeads)  # every linear classifier takes the stacked fast path
-    # the chosen label's probability is the confidence, and review follows it
+    # the confidence is the chosen label's probability through the head's top-label map, and review follows it
     unit = predictions["unit"]
-    assert np.array_equal(unit.confidence, unit.proba[np.arange(len(texts)), unit.index])
+    assert np.array_equal(unit.chosen_proba, unit.proba[np.arange(len(texts)), unit.index])
+    assert np.array_equal(unit.confidence, model.heads["unit"].confidence_map(unit.chosen_proba))
     assert np.array_equal(unit.needs_review, unit.confidence < unit.threshold)
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from sanshi_ml.artifacts import load_model
 from sanshi_ml.evaluate import expected_calibration_error
-from sanshi_ml.model import NEVER_ACCEPT, choose_threshold
+from sanshi_ml.calibration import NEVER_ACCEPT, choose_threshold
 from sanshi_ml.suggest import Suggester, text_status
 
 

@@ -16,12 +16,8 @@ from sanshi_ml.evaluate import (
     selective_metrics,
     write_report,
 )
-from sanshi_ml.model import (
-    ConformalSets,
-    TargetPredictions,
-    apply_temperature,
-    fit_temperature,
-)
+from sanshi_ml.calibration import ConformalSets, apply_temperature, fit_temperature
+from sanshi_ml.model import TargetPredictions
 from sanshi_ml.records import ColumnMap, load_records
 from sanshi_ml.suggest import REVIEW_AMBIGUOUS, REVIEW_LOW_CONFIDENCE, Suggester
 from tests.conftest import DEMO_CSV
