@@ -766,6 +766,8 @@ class TriageModel:
         """Targets, labels and thresholds, for metadata and the model-info endpoint."""
         return {name: {"labels": head.classes, "threshold": head.threshold, "threshold_info": head.threshold_info,
                        "excluded_labels": head.excluded_labels, "n_train": head.n_train,
-                       "conformal": head.conformal.describe() if head.conformal is not None else None}
+                       "conformal": head.conformal.describe() if head.conformal is not None else None,
+                       "temperature": head.temperature,
+                       "confidence_map": head.confidence_map.describe() if head.confidence_map is not None else None}
                 for name, head in self.heads.items()}
 

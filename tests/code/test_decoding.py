@@ -129,3 +129,26 @@ def test_the_chosen_strength_is_recorded_and_zero_means_no_weights(repo_params):
     assert 0 <= info["holdout_macro_f1"] <= 1
     assert (on.heads["sanshi"].decision_weights is None) == (info["prior_correction_tau"] == 0)
     assert on.heads["category"].threshold_info["prior_correction_tau"] == 0.0
+
+
+def test_review_thresholds_and_confidence_maps_come_from_every_training_row_out_of_fold(repo_params):
+    from sanshi_ml.model import TriageModel
+
+    records = _demo_records(repo_params, {"sanshi": "三事", "unit": "承办单位"})
+    model = TriageModel(repo_params.text, repo_params.features, repo_params.train).fit(records, progress=lambda _m: None)
+    for name, head in model.heads.items():
+        labelled = int(records.has_label(name).sum()) - sum(head.excluded_labels.values())
+        assert head.threshold_info["n_holdout"] == labelled == head.confidence_map.n_calibration
+        counts = records.frame.loc[records.has_label(name), name].value_counts()
+        rarest = counts[counts >= repo_params.train.min_label_rows].min()  # fewer folds than 5 for a rare unit
+        assert head.threshold_info["cross_fit_folds"] == min(repo_params.train.calibration_cv, rarest)
+        assert head.conformal.n_calibration == labelled
+    # without the map the confidence is the chosen label's probability, and the thresholds are chosen on it
+    plain_cfg = repo_params.train.model_copy(update={"confidence_calibration": "none"})
+    plain = TriageModel(repo_params.text, repo_params.features, plain_cfg).fit(records, progress=lambda _m: None)
+    predictions, _ = plain.predict(["小区路灯坏了", "楼上邻居半夜装修噪音扰民"])
+    assert all(head.confidence_map is None for head in plain.heads.values())
+    assert np.array_equal(predictions["unit"].confidence, predictions["unit"].chosen_proba)
+    # the map never changes a label, only the confidence
+    mapped, _ = model.predict(["小区路灯坏了", "楼上邻居半夜装修噪音扰民"])
+    assert mapped["unit"].labels.tolist() == predictions["unit"].labels.tolist()

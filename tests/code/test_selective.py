@@ -125,6 +125,8 @@ def test_settings_written_before_recalibrate_existed_still_load():
 
     assert TrainConfig.model_validate({"calibration": "isotonic"}).recalibrate == "none"
     assert TrainConfig.model_validate({"calibration": "sigmoid"}).recalibrate == "temperature"
+    # before cross-fitting, a share of the rows was held out for the thresholds
+    assert "threshold_holdout" not in TrainConfig.model_validate({"threshold_holdout": 0.2}).model_dump()
 
 
 # ------------------------------------------------------------------------------------- the demo model and suggestions
