@@ -90,7 +90,7 @@ def fj2_benchmark(params, seeds) -> None:
         ref_times.append(time.perf_counter() - started)
     full, ref_full = statistics.median(timings), statistics.median(ref_times)
     print(f"  full training on all {len(records)} rows (median of 3): sanshi-ml {full:.1f}s "
-          f"(calibration, threshold probe, temperature and prediction sets included), reference {ref_full:.1f}s, "
+          f"(cross-fitting, temperature, confidence map and prediction sets included), reference {ref_full:.1f}s, "
           f"ratio {full / ref_full:.1f}x; budget 120s: {'PASS' if full < 120 else 'FAIL'}")
 
 

@@ -315,13 +315,16 @@ class SanshiInfo(_Out):
 
 class FieldSuggestion(_Out):
     label: str = Field(description="the suggested label", examples=["共事"])
-    confidence: float = Field(ge=0, le=1, description="calibrated probability of the suggested label")
+    confidence: float = Field(ge=0, le=1, description="calibrated chance that the suggested label is right: its "
+                                                      "probability through the target's top-label calibration")
     threshold: float = Field(description="confidence below which a person must review (above 1: always)")
     needs_review: bool
     review_reasons: list[Literal["low_confidence", "ambiguous", "policy_conflict"]] = Field(
         description="low_confidence: below the threshold; ambiguous: the prediction set is not just the label (several "
                     "or none are plausible); policy_conflict: the 三事 class and the unit contradict the 责任清单")
-    top_k: list[LabelProbability]
+    top_k: list[LabelProbability] = Field(description="the most probable labels with the model's calibrated "
+                                                     "probability of each (the suggested label's can differ from "
+                                                     "its confidence, which is calibrated as a top label)")
     plausible: list[str] | None = Field(None, description="the conformal prediction set, most probable first: the "
                                                           "labels that hold the true one for the model's set level "
                                                           "(90% by default) of requests; null for a model without "
