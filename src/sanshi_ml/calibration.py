@@ -1,8 +1,8 @@
 """Calibration: from a linear model's decision values to confidences a dispatcher can stake a decision on.
 
 Every step is fitted on out-of-fold predictions of the training rows (cross-fitting): the rows are split into
-folds that keep repeated texts together, each fold is predicted by a model trained on the others, and those
-predictions, which no model saw in training, fit in turn
+folds that keep repeated texts together, and each fold is predicted by a model trained on the others. Those
+out-of-fold predictions fit, in turn,
 - the per-label Platt sigmoids (``CalibratedClassifierCV``'s calibrators) of the final model, trained on all rows;
 - one temperature per target (:func:`fit_temperature`);
 - the top-label map from the chosen label's probability to the chance it is right (:class:`ConfidenceMap`);
@@ -45,7 +45,7 @@ class ConformalSets:
 
     @classmethod
     def fit(cls, true_label_proba: np.ndarray, level: float) -> ConformalSets:
-        """Calibrate on held-out rows' probabilities of their true labels (0 for a label the probe never saw)."""
+        """Calibrate on held-out (out-of-fold) rows' probabilities of their true labels."""
         from crepes import ConformalClassifier
 
         scores = np.sort(1.0 - np.asarray(true_label_proba, dtype=np.float64))

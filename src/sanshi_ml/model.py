@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 _VECTORIZER_FIELDS = ("vectorizer", "title_vectorizer")
 
+
 class ModelError(ValueError):
     """Training data that cannot produce a model (too few rows or labels)."""
 
@@ -623,7 +624,7 @@ class TriageModel:
         return links
 
     def _fit_target(self, target: str, X: sp.csr_matrix, labels: np.ndarray, has_label: np.ndarray,
-                     groups: np.ndarray) -> tuple[TargetHead, tuple[np.ndarray, np.ndarray]]:
+                    groups: np.ndarray) -> tuple[TargetHead, tuple[np.ndarray, np.ndarray]]:
         """One target's head, and its out-of-fold probabilities with the training rows they belong to (a mask);
         the review threshold is chosen later, by :meth:`_fit_review`, once the targets can be decoded jointly."""
         cfg = self.train_config
@@ -652,11 +653,11 @@ class TriageModel:
         tau, oof_f1 = choose_prior_correction(proba, classes, y, y,
                                               cfg.prior_correction_by_target.get(target, cfg.prior_correction))
         conformal = ConformalSets.fit(proba[np.arange(len(y)), true_column], cfg.conformal_level)
+        info = {"prior_correction_tau": tau, "holdout_macro_f1": oof_f1, "cross_fit_folds": len(folds)}
         head = TargetHead(name=target, classes=[str(c) for c in classes], classifier=classifier,
-                          threshold=NEVER_ACCEPT, threshold_info={"prior_correction_tau": tau, "holdout_macro_f1": oof_f1,
-                                                                  "cross_fit_folds": len(folds)},
-                          excluded_labels=too_rare, n_train=int(len(y)), conformal=conformal,
-                          temperature=temperature, decision_weights=prior_weights(classes, y, tau) if tau else None)
+                          threshold=NEVER_ACCEPT, threshold_info=info, excluded_labels=too_rare, n_train=int(len(y)),
+                          conformal=conformal, temperature=temperature,
+                          decision_weights=prior_weights(classes, y, tau) if tau else None)
         return head, (keep, proba)
 
     def _fit_review(self, out_of_fold: dict[str, tuple[np.ndarray, np.ndarray]], records: RecordSet) -> None:
