@@ -236,3 +236,20 @@ def test_model_with_a_title_block_falls_back_to_sklearn_with_the_same_features(d
         assert (model.transform(TITLED) != expected).nnz == 0
     monkeypatch.setattr(model._fast_tfidf("title_vectorizer"), "transform_codes", lambda *a, **k: None)
     assert (model.transform(TITLED) != expected).nnz == 0
+
+
+def test_texts_the_pii_prefilter_passes_over_have_nothing_to_mask():
+    # Random strings made of what the patterns look for (ASCII, full-width and Arabic-Indic digits, separators,
+    # letters, province characters, @): every string that mask_pii changes is a candidate.
+    from sanshi_ml.text import mask_pii, pii_candidates
+
+    rng = random.Random(11)
+    alphabet = "0123456789" * 4 + "٣٤٥" + "+-() .·@Xx" + "AaBz" + "湘京粤" + "号码的"
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))) for _ in range(30_000)]
+    texts += ["13800001234", "+86 138 0000 1234", "(010)62345678", "0731-88880000", "430102199001011234",
+              "a.b@c.cn", "湘A12345", "粤B·D12345", "138٠٠٠٠١٢٣٤"]
+    flagged = pii_candidates(texts)
+    changed = [mask_pii(text) != text for text in texts]
+    assert all(flag for flag, change in zip(flagged, changed) if change)
+    assert sum(changed) > 300 and all(flagged[-9:])  # the strings do hold personal data to find
+    assert pii_candidates(["小区电梯坏了", "2019年4月15日3栋"] * 10) == [False] * 20

@@ -123,3 +123,69 @@ def test_pre_segmented_text_is_split_on_spaces_only():
 def test_a_lone_surrogate_becomes_a_replacement_character_not_an_error():
     # JSON input can carry "\ud800"; it is never valid text, and must not crash training or scoring.
     assert normalize("电梯\ud800坏了") == "电梯\ufffd坏了"
+
+
+# ------------------------------------------------------------------------------------------- skipping OpenCC's t2s
+
+def _t2s():
+    import opencc
+
+    return opencc.OpenCC("t2s")
+
+
+def test_texts_without_a_trigger_are_left_to_themselves_and_the_rest_converted():
+    from sanshi_ml.text import _to_simplified, needs_simplifying
+
+    assert not needs_simplifying("小区电梯停了一个多月,物业一直不修")  # simplified already: no conversion
+    for text in ("社區電梯壞了", "他沈迷游戏", "答覆如下", "打坏了", "乾隆", "\U00020bb7野家"):
+        assert _to_simplified(text) == _t2s().convert(text), text
+    assert needs_simplifying("沈迷") and needs_simplifying("批覆") and needs_simplifying("電梯")
+
+
+def test_the_trigger_list_matches_the_installed_opencc_dictionaries():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import opencc
+
+    if not (Path(opencc.__file__).parent / "clib" / "bin" / "opencc_dict").exists():
+        pytest.skip("this OpenCC build ships no opencc_dict tool to dump its dictionaries")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "opencc_triggers.py"
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_skipping_the_conversion_never_changes_a_result():
+    # Random texts over every trigger character, the characters of phrases that t2s changes only in context
+    # (沈 覆 坏 瞭 藉 …) and common simplified ones: the shortcut and the plain conversion agree on each.
+    import random
+
+    from sanshi_ml.text import _builtin_path, _to_simplified
+
+    lines = _builtin_path("opencc_t2s_triggers.txt").read_text(encoding="utf-8").splitlines()
+    triggers = "".join(line for line in lines if not line.startswith("#"))
+    context = "沈迷覆盖答批坏打拉子瞭解明藉口以免著作乾隆强沒有內容的一是了小区物业电梯"
+    rng = random.Random(7)
+    converter = _t2s()
+    for _ in range(20_000):
+        pool = context if rng.random() < 0.8 else context + triggers
+        text = "".join(rng.choice(pool) for _ in range(rng.randint(1, 12)))
+        assert _to_simplified(text) == converter.convert(text), text
+
+
+def test_another_opencc_version_converts_every_text(monkeypatch):
+    import importlib.metadata
+
+    from sanshi_ml import text as text_module
+
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "0.0.1" if name == "opencc" else real_version(name))
+    text_module._t2s_triggers.cache_clear()
+    try:
+        assert text_module._t2s_triggers() is None
+        assert text_module.needs_simplifying("小区电梯坏了")
+    finally:
+        monkeypatch.undo()
+        text_module._t2s_triggers.cache_clear()
