@@ -48,10 +48,9 @@ _PII_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
 ]
 
 # A necessary condition of each pattern above, without its look-arounds and in RE2's syntax (\p{Nd} is what Python's
-# \d matches), so that Arrow can test a whole batch in C++: every match of a pattern contains a match of its loose
-# form here, and a substitution never creates a match of a later pattern (each placeholder stands between spaces and
-# holds no digit), so a text with no loose match comes out of mask_pii unchanged. tests/code/test_fast_paths.py
-# checks it on random strings.
+# \d matches), so that Arrow can test a whole batch in C++. Every match of a pattern contains a match of its loose
+# form here, so in a text with no loose match no pattern matches, none of mask_pii's substitutions happens, and the
+# text comes out unchanged. tests/code/test_fast_paths.py checks it on random strings.
 _PII_CANDIDATE = "|".join([
     "@",
     r"[1-9]\p{Nd}{5}(?:18|19|20)\p{Nd}{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\p{Nd}|3[01])\p{Nd}{3}[0-9Xx]",

