@@ -90,11 +90,16 @@ def strip_html(text: str) -> str:
     return text
 
 
+_ARROW_MIN_BATCH = 16  # smaller batches take the per-text Python paths: Arrow's cost per call would outweigh it
+
+
 def normalize(text: str, *, to_simplified: bool = True, pii: bool = True, lowercase: bool = True) -> str:
     """NFKC, HTML removed, 繁→简, personal data masked, whitespace collapsed to single spaces."""
     if not text:
         return ""
-    return _after_nfkc(unicodedata.normalize("NFKC", text), to_simplified, pii, lowercase)
+    # One text takes normalize_many's per-text paths (Python's NFKC, every personal-data pattern), so the order of
+    # the steps is written once.
+    return normalize_many([text], to_simplified=to_simplified, pii=pii, lowercase=lowercase)[0]
 
 
 def normalize_many(texts: Sequence[str], *, to_simplified: bool = True, pii: bool = True,
@@ -116,7 +121,7 @@ def pii_candidates(texts: Sequence[str]) -> list[bool]:
     hotline texts hold anything that looks like personal data. Short batches, and batches Arrow cannot take (lone
     surrogates), are all candidates.
     """
-    if len(texts) < 16:
+    if len(texts) < _ARROW_MIN_BATCH:
         return [True] * len(texts)
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -162,10 +167,7 @@ def needs_simplifying(text: str) -> bool:
     """Whether OpenCC's t2s could change ``text`` (False: it would return it unchanged), or it holds a lone
     surrogate."""
     triggers = _t2s_triggers()
-    if triggers is None:
-        return True
-    bmp, astral = triggers
-    return bmp.search(text) is not None or (_ASTRAL.search(text) is not None and astral.search(text) is not None)
+    return triggers is None or _holds_any(triggers, text)
 
 
 def _to_simplified(text: str) -> str:
@@ -176,15 +178,6 @@ def _to_simplified(text: str) -> str:
         return _t2s().convert(text)
     except UnicodeEncodeError:
         return _t2s().convert(_LONE_SURROGATE.sub("\ufffd", text))
-
-
-def _after_nfkc(text: str, to_simplified: bool, pii: bool, lowercase: bool) -> str:
-    text = strip_html(text)
-    if to_simplified:
-        text = _to_simplified(text)
-    if pii:
-        text = mask_pii(text)
-    return _finish(text, lowercase)
 
 
 def _finish(text: str, lowercase: bool) -> str:
@@ -221,9 +214,15 @@ def _unassigned_chars() -> tuple[re.Pattern[str], re.Pattern[str]]:
 _ASTRAL = re.compile("[\\U00010000-\\U0010ffff]")
 
 
-def _has_unassigned(text: str) -> bool:
-    bmp, astral = _unassigned_chars()
+def _holds_any(classes: tuple[re.Pattern[str], re.Pattern[str]], text: str) -> bool:
+    """Whether ``text`` holds a character of a class split into (BMP pattern, astral pattern); the astral one is
+    searched only when the text has astral characters at all."""
+    bmp, astral = classes
     return bmp.search(text) is not None or (_ASTRAL.search(text) is not None and astral.search(text) is not None)
+
+
+def _has_unassigned(text: str) -> bool:
+    return _holds_any(_unassigned_chars(), text)
 
 
 def nfkc_many(texts: Sequence[str]) -> list[str]:
@@ -235,7 +234,7 @@ def nfkc_many(texts: Sequence[str]) -> list[str]:
     so the result is the same; texts with code points this Python does not know take Python's path.
     """
     texts = list(texts)
-    if len(texts) < 16:
+    if len(texts) < _ARROW_MIN_BATCH:
         return [unicodedata.normalize("NFKC", text) for text in texts]
     import pyarrow as pa
     import pyarrow.compute as pc

@@ -127,14 +127,8 @@ def test_a_lone_surrogate_becomes_a_replacement_character_not_an_error():
 
 # ------------------------------------------------------------------------------------------- skipping OpenCC's t2s
 
-def _t2s():
-    import opencc
-
-    return opencc.OpenCC("t2s")
-
-
 def test_texts_without_a_trigger_are_left_to_themselves_and_the_rest_converted():
-    from sanshi_ml.text import _to_simplified, needs_simplifying
+    from sanshi_ml.text import _t2s, _to_simplified, needs_simplifying
 
     assert not needs_simplifying("小区电梯停了一个多月,物业一直不修")  # simplified already: no conversion
     for text in ("社區電梯壞了", "他沈迷游戏", "答覆如下", "打坏了", "乾隆", "\U00020bb7野家"):
@@ -165,7 +159,7 @@ def test_skipping_the_conversion_never_changes_a_result():
     # (沈 覆 坏 瞭 藉 …) and common simplified ones: the shortcut and the plain conversion agree on each.
     import random
 
-    from sanshi_ml.text import _builtin_path, _to_simplified
+    from sanshi_ml.text import _builtin_path, _t2s, _to_simplified
 
     lines = _builtin_path("opencc_t2s_triggers.txt").read_text(encoding="utf-8").splitlines()
     triggers = "".join(line for line in lines if not line.startswith("#"))
