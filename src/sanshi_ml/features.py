@@ -86,11 +86,13 @@ class FastTfidf:
         self.keep_owner: object = None  # the segmenter whose keep test this is (set by the model)
         self._word: dict | None = None
         self._char: tuple[dict[str, int], int] | None = None
+        self._char_index: tuple[pd.Index, np.ndarray] | None = None
         for kind, n_max, vectorizer in parts:
             if kind == "word":
                 self._word = self._index_words(vectorizer.vocabulary_, n_max)
             else:
                 self._char = (vectorizer.vocabulary_, n_max)
+                self._char_index = _index_char_grams(vectorizer.vocabulary_, n_max)
         self._reset_table()
 
     @classmethod
@@ -172,7 +174,8 @@ class FastTfidf:
         self._char_used = 0
 
     def _register(self, tokens: list[str]) -> None:
-        """Add new tokens to the table: their word id and their character-feature columns."""
+        """Add new tokens to the table: their word id, their filter and space flags, and their character-feature
+        columns."""
         start = len(self._table)
         needed = start + len(tokens)
         if needed > len(self._word_id):
@@ -181,32 +184,48 @@ class FastTfidf:
                 grown = np.empty(size, dtype=getattr(self, name).dtype)
                 grown[:start] = getattr(self, name)[:start]
                 setattr(self, name, grown)
+        self._table.update(zip(tokens, range(start, needed)))
         word_tokens = self._word["tokens"] if self._word else {}
-        char_columns: list[int] = []
-        for offset, token in enumerate(tokens):
-            gid = start + offset
-            self._table[token] = gid
-            self._word_id[gid] = word_tokens.get(token, -1)
-            self._flags[gid] = (_DROPPED if self._keep is not None and not self._keep(token) else 0) | (
-                _SPACED if " " in token else 0)
-            found = 0
-            if self._char is not None:
-                vocabulary, n_max = self._char
-                for gram in char_ngrams((token,), n_max):
-                    column = vocabulary.get(gram)
-                    if column is not None:
-                        char_columns.append(column)
-                        found += 1
-            self._char_start[gid] = self._char_used + len(char_columns) - found
-            self._char_len[gid] = found
-        if char_columns:
-            end = self._char_used + len(char_columns)
-            if end > len(self._char_cols):
-                grown = np.empty(max(end, 2 * len(self._char_cols)), dtype=np.int64)
-                grown[:self._char_used] = self._char_cols[:self._char_used]
-                self._char_cols = grown
-            self._char_cols[self._char_used:end] = char_columns
-            self._char_used = end
+        self._word_id[start:needed] = np.fromiter(map(word_tokens.get, tokens, repeat(-1)), dtype=np.int64,
+                                                  count=len(tokens))
+        keep = self._keep
+        self._flags[start:needed] = [(_DROPPED if keep is not None and not keep(token) else 0) | (
+            _SPACED if " " in token else 0) for token in tokens]
+        counts, columns = self._char_columns(tokens)
+        end = self._char_used + len(columns)
+        if end > len(self._char_cols):
+            grown = np.empty(max(end, 2 * len(self._char_cols)), dtype=np.int64)
+            grown[:self._char_used] = self._char_cols[:self._char_used]
+            self._char_cols = grown
+        self._char_cols[self._char_used:end] = columns
+        self._char_len[start:needed] = counts
+        self._char_start[start:needed] = self._char_used + np.cumsum(counts) - counts
+        self._char_used = end
+
+    def _char_columns(self, tokens: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Per token, how many of its character n-grams are features, and those features' columns, token after
+        token. Array at a time on integer keys of the n-grams (a scoring run registers every distinct token it
+        meets, so in a real archive, with its names, addresses and numbers, this is a cost per record, not just a
+        start-up one); in Python, n-gram by n-gram, for n-grams too long to key."""
+        n = len(tokens)
+        if self._char is None:
+            return np.zeros(n, dtype=np.int64), np.empty(0, dtype=np.int64)
+        if self._char_index is not None:
+            owner, keys = _char_gram_keys(tokens, self._char[1])
+            if owner is not None:
+                keys_index, key_columns = self._char_index
+                found = keys_index.get_indexer(keys)
+                hit = found >= 0
+                return np.bincount(owner[hit], minlength=n), key_columns[found[hit]]
+        vocabulary, n_max = self._char
+        counts = np.zeros(n, dtype=np.int64)
+        columns: list[int] = []
+        for position, token in enumerate(tokens):
+            before = len(columns)
+            columns.extend(column for column in map(vocabulary.get, char_ngrams((token,), n_max))
+                           if column is not None)
+            counts[position] = len(columns) - before
+        return counts, np.asarray(columns, dtype=np.int64)
 
     def _table_ids(self, distinct: list[str]) -> np.ndarray:
         """Each distinct token's id in the table, new tokens registered first."""
@@ -287,6 +306,64 @@ class FastTfidf:
             rows.append(doc_of[where[match]])
             cols.append(columns[found[match]])
         return np.concatenate(rows), np.concatenate(cols)
+
+
+# Characters as integers: code point + 1 runs over 1..0x110000, so an n-gram's key is its characters' digits in base
+# 0x110001, and keys of up to three characters fit in an int64.
+_CHAR_BASE = 0x110001
+_MAX_KEYED_CHARS = 3
+
+
+def _code_points(strings: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The code points (+1) of all ``strings`` one after another, and each string's length; None if they cannot be
+    told apart that way."""
+    lengths = np.fromiter(map(len, strings), dtype=np.int64, count=len(strings))
+    # surrogatepass: a lone surrogate (possible in JSON input) is one code point, as in the str itself
+    points = np.frombuffer("".join(strings).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    if len(points) != lengths.sum():
+        return None
+    return points.astype(np.int64) + 1, lengths
+
+
+def _char_gram_keys(tokens: list[str], n_max: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Every character n-gram (1 to ``n_max`` characters) inside each token, as (token number, key) in
+    :func:`char_ngrams`' order, token after token; (None, None) if the n-grams are too long to key."""
+    coded = _code_points(tokens) if n_max <= _MAX_KEYED_CHARS else None
+    if coded is None:
+        return None, None
+    points, lengths = coded
+    owner = np.repeat(np.arange(len(tokens), dtype=np.int64), lengths)
+    to_end = np.repeat(np.cumsum(lengths), lengths) - np.arange(len(points))  # characters left in the token
+    owners, keys = [], []
+    for n in range(1, n_max + 1):
+        starts = np.flatnonzero(to_end >= n)
+        key = points[starts]
+        for offset in range(1, n):
+            key = key * _CHAR_BASE + points[starts + offset]
+        owners.append(owner[starts])
+        keys.append(key)
+    owner, key = np.concatenate(owners), np.concatenate(keys)
+    order = np.argsort(owner, kind="stable")
+    return owner[order], key[order]
+
+
+def _index_char_grams(vocabulary: dict[str, int], n_max: int) -> tuple[pd.Index, np.ndarray] | None:
+    """The character vocabulary as integer keys (see :func:`_char_gram_keys`) and their columns; None when its
+    n-grams are too long to key."""
+    grams = list(vocabulary)
+    coded = _code_points(grams) if n_max <= _MAX_KEYED_CHARS else None
+    if coded is None:
+        return None
+    points, lengths = coded
+    if len(lengths) and (lengths.min() < 1 or lengths.max() > _MAX_KEYED_CHARS):
+        return None
+    starts = np.cumsum(lengths) - lengths
+    keys = np.zeros(len(grams), dtype=np.int64)
+    for offset in range(int(lengths.max()) if len(lengths) else 0):
+        longer = lengths > offset
+        keys[longer] = keys[longer] * _CHAR_BASE + points[starts[longer] + offset]
+    columns = np.fromiter(vocabulary.values(), dtype=np.int64, count=len(vocabulary))
+    return pd.Index(keys), columns
 
 
 @dataclass

@@ -145,6 +145,33 @@ def test_fast_tfidf_declines_what_it_cannot_reproduce():
     assert FastTfidf.from_union(union) is None
 
 
+@pytest.mark.parametrize("char_ngram_max", [2, 3])
+def test_fast_tfidf_keys_character_ngrams_of_any_code_point(char_ngram_max):
+    # Tokens over CJK, ASCII, NUL and astral characters: the integer keys of the character n-grams give sklearn's
+    # matrix; with lone surrogates too, the keyed columns equal the Python path's.
+    alphabet = ["物", "业", "电", "梯", "a", "1", "\x00", "\U0001f600", "\U00020000", "\U0010ffff"]
+    rng = random.Random(char_ngram_max)
+
+    def token(letters) -> str:
+        return "".join(rng.choice(letters) for _ in range(rng.randint(1, 5)))
+
+    docs = [[token(alphabet) for _ in range(rng.randint(0, 12))] for _ in range(300)]
+    union = build_vectorizer(FeaturesConfig(word_ngram_max=1, char_ngram_max=char_ngram_max)).fit(docs[:200])
+    fast = FastTfidf.from_union(union)
+    assert fast._char_index is not None
+    expected = union.transform(docs).tocsr()
+    got = fast.transform(docs)
+    assert np.array_equal(got.indptr, expected.indptr)
+    assert np.array_equal(got.indices, expected.indices)
+    assert np.array_equal(got.data, expected.data)
+
+    tokens = [token(alphabet + ["\ud800", "\udfff"]) for _ in range(2_000)]
+    keyed = fast._char_columns(tokens)
+    fast._char_index = None
+    in_python = fast._char_columns(tokens)
+    assert np.array_equal(keyed[0], in_python[0]) and np.array_equal(keyed[1], in_python[1])
+
+
 def test_fast_tfidf_token_table_restarts_without_changing_results(monkeypatch):
     union = build_vectorizer(FeaturesConfig()).fit([["物业", "电梯", "坏"], ["噪音", "扰民"]])
     fast = FastTfidf.from_union(union)
