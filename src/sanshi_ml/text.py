@@ -106,7 +106,7 @@ def normalize_many(texts: Sequence[str], *, to_simplified: bool = True, pii: boo
                    lowercase: bool = True) -> list[str]:
     """:func:`normalize` for a batch, text for text the same result, with NFKC and the search for personal data
     done array at a time."""
-    texts = [strip_html(text) for text in nfkc_many(texts)]
+    texts = _without_lone_surrogates([strip_html(text) for text in nfkc_many(texts)])
     if to_simplified:
         texts = [_to_simplified(text) for text in texts]
     if pii:
@@ -136,6 +136,14 @@ def pii_candidates(texts: Sequence[str]) -> list[bool]:
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def _without_lone_surrogates(texts: list[str]) -> list[str]:
+    """Lone surrogates (from JSON escapes, or undecodable bytes in a command line) become U+FFFD: they are never
+    valid text, and neither OpenCC, nor the segmenters, nor Arrow can take them. One search over the whole batch."""
+    if not _LONE_SURROGATE.search("".join(texts)):
+        return texts
+    return [_LONE_SURROGATE.sub("\ufffd", text) for text in texts]
+
+
 @lru_cache(maxsize=1)
 def _t2s_triggers() -> tuple[re.Pattern[str], re.Pattern[str]] | None:
     """Patterns (BMP, astral) of the characters without which OpenCC's t2s leaves a text unchanged, or None when
@@ -159,25 +167,18 @@ def _t2s_triggers() -> tuple[re.Pattern[str], re.Pattern[str]] | None:
     chars = "".join(line for line in lines if not line.startswith("#"))
     bmp = "".join(re.escape(ch) for ch in chars if ord(ch) <= 0xFFFF)
     astral = "".join(re.escape(ch) for ch in chars if ord(ch) > 0xFFFF)
-    # Lone surrogates count as triggers: OpenCC cannot take them, and _to_simplified's fallback replaces them.
-    return re.compile(f"[{bmp}\ud800-\udfff]"), re.compile(f"[{astral}]" if astral else "(?!)")
+    return re.compile(f"[{bmp}]"), re.compile(f"[{astral}]" if astral else "(?!)")
 
 
 def needs_simplifying(text: str) -> bool:
-    """Whether OpenCC's t2s could change ``text`` (False: it would return it unchanged), or it holds a lone
-    surrogate."""
+    """Whether OpenCC's t2s could change ``text`` (False: it would return it unchanged)."""
     triggers = _t2s_triggers()
     return triggers is None or _holds_any(triggers, text)
 
 
 def _to_simplified(text: str) -> str:
-    """OpenCC t2s; a lone surrogate (possible in JSON input, never valid text) becomes U+FFFD instead of an error."""
-    if not needs_simplifying(text):
-        return text
-    try:
-        return _t2s().convert(text)
-    except UnicodeEncodeError:
-        return _t2s().convert(_LONE_SURROGATE.sub("\ufffd", text))
+    """OpenCC t2s, for a text without lone surrogates (see :func:`_without_lone_surrogates`)."""
+    return _t2s().convert(text) if needs_simplifying(text) else text
 
 
 def _finish(text: str, lowercase: bool) -> str:

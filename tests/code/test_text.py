@@ -5,8 +5,8 @@ import pickle
 import pytest
 
 from sanshi_ml.text import (
-    TITLE_END, TITLE_MARK, Segmenter, compose, mark_titles, mask_pii, model_input, normalize, split_segmented,
-    split_title, strip_html)
+    TITLE_END, TITLE_MARK, Segmenter, compose, mark_titles, mask_pii, model_input, normalize, normalize_many,
+    split_segmented, split_title, strip_html)
 
 
 def test_nfkc_folds_full_width_forms():
@@ -123,6 +123,11 @@ def test_pre_segmented_text_is_split_on_spaces_only():
 def test_a_lone_surrogate_becomes_a_replacement_character_not_an_error():
     # JSON input can carry "\ud800"; it is never valid text, and must not crash training or scoring.
     assert normalize("电梯\ud800坏了") == "电梯\ufffd坏了"
+    # Whether or not 繁→简 runs (it used to be the step that replaced them), and in batches too.
+    assert normalize("电梯\ud800坏了", to_simplified=False) == "电梯\ufffd坏了"
+    texts = ["楼道\udfff灯不亮"] + ["小区噪音扰民"] * 20
+    assert normalize_many(texts, to_simplified=False) == [normalize(t, to_simplified=False) for t in texts]
+    assert "楼道" in Segmenter().cut_many(normalize_many(texts, to_simplified=False))[0]  # the segmenter takes it
 
 
 # ------------------------------------------------------------------------------------------- skipping OpenCC's t2s
