@@ -343,7 +343,10 @@ class Segmenter:
     """Cuts normalised text into words and drops punctuation and stop words.
 
     The backend object is built lazily and left out of pickles, so a model carrying a Segmenter pickles small and
-    each worker process builds its own dictionary once.
+    each worker process builds its own dictionary once. The user dictionary's entries and the stop words are read
+    once, when the segmenter is made (at training), and travel in its pickle: a model cuts text the way it was
+    trained to on any machine (another analyst's, a Dask worker, the server), even where the word-list files, or
+    the stopwords-iso release, differ or are missing.
     """
 
     def __init__(self, backend: str = "rjieba", user_dict: str | None = BUILTIN,
@@ -356,6 +359,9 @@ class Segmenter:
         # keep_only: for models trained on pre-segmented text, words the training data never had (its stop words
         # among them) are dropped so that n-grams form across the same neighbours as in training.
         self.keep_only = frozenset(keep_only) if keep_only is not None else None
+        self.user_entries: list[tuple[str, int | None, str | None]] | None = _user_dict_entries(
+            user_dict_path(user_dict))
+        self.stopword_list: tuple[str, ...] | None = tuple(sorted(load_stopwords(stopwords)))
         self._cut = None
         self._stopwords: frozenset[str] | None = None
         self._verdicts: dict[str, bool] = {}
@@ -369,10 +375,15 @@ class Segmenter:
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("_verdicts", {})  # segmenters pickled before the verdict cache existed
+        # Segmenters pickled before they carried their word lists read them from their settings, as they did then.
+        state.setdefault("user_entries", None)
+        state.setdefault("stopword_list", None)
         self.__dict__.update(state)
 
     def _build(self) -> None:
-        entries = _user_dict_entries(user_dict_path(self.user_dict))
+        entries = self.user_entries
+        if entries is None:
+            entries = _user_dict_entries(user_dict_path(self.user_dict))
         if self.backend == "rjieba":
             import rjieba
 
@@ -390,7 +401,8 @@ class Segmenter:
             for word, freq, tag in entries:
                 engine.add_word(word, freq, tag)
             self._cut = lambda text: engine.lcut(text, HMM=True)
-        self._stopwords = load_stopwords(self.stopwords_spec)
+        self._stopwords = (load_stopwords(self.stopwords_spec) if self.stopword_list is None
+                           else frozenset(self.stopword_list))
 
     def raw_cut(self, text: str) -> list[str]:
         """The backend's tokens, nothing removed."""

@@ -116,6 +116,30 @@ def test_unknown_backend_is_a_clear_error():
         Segmenter("hanlp")
 
 
+@pytest.mark.parametrize("backend", ["rjieba", "jieba"])
+def test_a_segmenter_carries_its_word_lists_in_its_pickle(tmp_path, backend):
+    # A model trained with local word lists cuts text the same way on a machine without those files (or where they
+    # were edited since): a Dask worker, the server, another analyst's checkout.
+    import pickle
+
+    user_dict = tmp_path / "userdict.txt"
+    user_dict.write_text("青青家园小区 100000 ns\n", encoding="utf-8")
+    stopwords = tmp_path / "stopwords.txt"
+    stopwords.write_text("物业\n", encoding="utf-8")
+    segmenter = Segmenter(backend, user_dict=str(user_dict), stopwords=str(stopwords))
+    text = "青青家园小区的物业不修电梯"
+    cut = segmenter.cut(text)
+    assert "青青家园小区" in cut and "物业" not in cut
+    blob = pickle.dumps(segmenter)
+    user_dict.unlink()
+    stopwords.write_text("电梯\n", encoding="utf-8")  # edited after training: the model keeps what it trained with
+    moved = pickle.loads(blob)
+    assert moved.cut(text) == cut
+    # A missing list fails when the segmenter is made (at training), naming the file, not at the first text scored.
+    with pytest.raises(FileNotFoundError, match="userdict.txt"):
+        Segmenter(backend, user_dict=str(user_dict))
+
+
 def test_pre_segmented_text_is_split_on_spaces_only():
     assert split_segmented("市 西湖 建筑 集团 占 道 施工  ,") == ["市", "西湖", "建筑", "集团", "占", "道", "施工"]
 
