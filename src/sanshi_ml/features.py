@@ -210,14 +210,13 @@ class FastTfidf:
         n = len(tokens)
         if self._char is None:
             return np.zeros(n, dtype=np.int64), np.empty(0, dtype=np.int64)
-        if self._char_index is not None:
-            owner, keys = _char_gram_keys(tokens, self._char[1])
-            if owner is not None:
-                keys_index, key_columns = self._char_index
-                found = keys_index.get_indexer(keys)
-                hit = found >= 0
-                return np.bincount(owner[hit], minlength=n), key_columns[found[hit]]
         vocabulary, n_max = self._char
+        if self._char_index is not None:
+            owner, keys = _char_gram_keys(tokens, n_max)
+            keys_index, key_columns = self._char_index
+            found = keys_index.get_indexer(keys)
+            hit = found >= 0
+            return np.bincount(owner[hit], minlength=n), key_columns[found[hit]]
         counts = np.zeros(n, dtype=np.int64)
         columns: list[int] = []
         for position, token in enumerate(tokens):
@@ -314,24 +313,18 @@ _CHAR_BASE = 0x110001
 _MAX_KEYED_CHARS = 3
 
 
-def _code_points(strings: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
-    """The code points (+1) of all ``strings`` one after another, and each string's length; None if they cannot be
-    told apart that way."""
+def _code_points(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The code points (+1) of all ``strings`` one after another, and each string's length."""
     lengths = np.fromiter(map(len, strings), dtype=np.int64, count=len(strings))
-    # surrogatepass: a lone surrogate (possible in JSON input) is one code point, as in the str itself
+    # UTF-32 gives one unit per code point; surrogatepass lets a lone surrogate (possible in JSON input) through
     points = np.frombuffer("".join(strings).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-    if len(points) != lengths.sum():
-        return None
     return points.astype(np.int64) + 1, lengths
 
 
-def _char_gram_keys(tokens: list[str], n_max: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Every character n-gram (1 to ``n_max`` characters) inside each token, as (token number, key) in
-    :func:`char_ngrams`' order, token after token; (None, None) if the n-grams are too long to key."""
-    coded = _code_points(tokens) if n_max <= _MAX_KEYED_CHARS else None
-    if coded is None:
-        return None, None
-    points, lengths = coded
+def _char_gram_keys(tokens: list[str], n_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every character n-gram (1 to ``n_max`` ≤ 3 characters) inside each token, as (token number, key) in
+    :func:`char_ngrams`' order, token after token."""
+    points, lengths = _code_points(tokens)
     owner = np.repeat(np.arange(len(tokens), dtype=np.int64), lengths)
     to_end = np.repeat(np.cumsum(lengths), lengths) - np.arange(len(points))  # characters left in the token
     owners, keys = [], []
@@ -348,18 +341,14 @@ def _char_gram_keys(tokens: list[str], n_max: int) -> tuple[np.ndarray | None, n
 
 
 def _index_char_grams(vocabulary: dict[str, int], n_max: int) -> tuple[pd.Index, np.ndarray] | None:
-    """The character vocabulary as integer keys (see :func:`_char_gram_keys`) and their columns; None when its
-    n-grams are too long to key."""
-    grams = list(vocabulary)
-    coded = _code_points(grams) if n_max <= _MAX_KEYED_CHARS else None
-    if coded is None:
+    """The character vocabulary (n-grams of at most ``n_max`` characters) as integer keys (see
+    :func:`_char_gram_keys`) and their columns; None when its n-grams are too long to key."""
+    if n_max > _MAX_KEYED_CHARS:
         return None
-    points, lengths = coded
-    if len(lengths) and (lengths.min() < 1 or lengths.max() > _MAX_KEYED_CHARS):
-        return None
+    points, lengths = _code_points(list(vocabulary))
     starts = np.cumsum(lengths) - lengths
-    keys = np.zeros(len(grams), dtype=np.int64)
-    for offset in range(int(lengths.max()) if len(lengths) else 0):
+    keys = np.zeros(len(lengths), dtype=np.int64)
+    for offset in range(n_max):
         longer = lengths > offset
         keys[longer] = keys[longer] * _CHAR_BASE + points[starts[longer] + offset]
     columns = np.fromiter(vocabulary.values(), dtype=np.int64, count=len(vocabulary))
