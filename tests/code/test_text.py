@@ -120,8 +120,6 @@ def test_unknown_backend_is_a_clear_error():
 def test_a_segmenter_carries_its_word_lists_in_its_pickle(tmp_path, backend):
     # A model trained with local word lists cuts text the same way on a machine without those files (or where they
     # were edited since): a Dask worker, the server, another analyst's checkout.
-    import pickle
-
     user_dict = tmp_path / "userdict.txt"
     user_dict.write_text("青青家园小区 100000 ns\n", encoding="utf-8")
     stopwords = tmp_path / "stopwords.txt"
