@@ -106,7 +106,7 @@ def normalize_many(texts: Sequence[str], *, to_simplified: bool = True, pii: boo
                    lowercase: bool = True) -> list[str]:
     """:func:`normalize` for a batch, text for text the same result, with NFKC and the search for personal data
     done array at a time."""
-    texts = _without_lone_surrogates([strip_html(text) for text in nfkc_many(texts)])
+    texts = [strip_html(text) for text in nfkc_many(texts)]
     if to_simplified:
         texts = [_to_simplified(text) for text in texts]
     if pii:
@@ -134,14 +134,6 @@ def pii_candidates(texts: Sequence[str]) -> list[bool]:
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _without_lone_surrogates(texts: list[str]) -> list[str]:
-    """Lone surrogates (from JSON escapes, or undecodable bytes in a command line) become U+FFFD: they are never
-    valid text, and neither OpenCC, nor the segmenters, nor Arrow can take them. One search over the whole batch."""
-    if not _LONE_SURROGATE.search("".join(texts)):
-        return texts
-    return [_LONE_SURROGATE.sub("\ufffd", text) for text in texts]
 
 
 @lru_cache(maxsize=1)
@@ -177,7 +169,7 @@ def needs_simplifying(text: str) -> bool:
 
 
 def _to_simplified(text: str) -> str:
-    """OpenCC t2s, for a text without lone surrogates (see :func:`_without_lone_surrogates`)."""
+    """OpenCC t2s, for a text without lone surrogates (:func:`nfkc_many` replaced them)."""
     return _t2s().convert(text) if needs_simplifying(text) else text
 
 
@@ -226,17 +218,25 @@ def _has_unassigned(text: str) -> bool:
     return _holds_any(_unassigned_chars(), text)
 
 
+def _python_nfkc(text: str) -> str:
+    """Python's NFKC, lone surrogates first replaced by U+FFFD (from JSON escapes, or undecodable bytes in a command
+    line): they are never valid text, and neither OpenCC, nor the segmenters, nor Arrow can take them."""
+    return unicodedata.normalize("NFKC", _LONE_SURROGATE.sub("\ufffd", text))
+
+
 def nfkc_many(texts: Sequence[str]) -> list[str]:
-    """``unicodedata.normalize("NFKC", t)`` for each text, about five times faster on a batch.
+    """``unicodedata.normalize("NFKC", t)`` for each text, lone surrogates replaced by U+FFFD, about five times
+    faster on a batch.
 
     NFKC is NFC of NFKD. Python's NFKD walks code points one by one; pyarrow's (utf8proc) runs in C++ over the
     whole array, and Python's NFC then returns at once for the usual text that has nothing to compose. For code
     points assigned in both Unicode versions, decompositions and combining classes are stable by Unicode policy,
-    so the result is the same; texts with code points this Python does not know take Python's path.
+    so the result is the same; texts with code points this Python does not know, surrogates among them, take
+    Python's path, so the batch's one search for them also finds the lone surrogates.
     """
     texts = list(texts)
     if len(texts) < _ARROW_MIN_BATCH:
-        return [unicodedata.normalize("NFKC", text) for text in texts]
+        return [_python_nfkc(text) for text in texts]
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -245,7 +245,7 @@ def nfkc_many(texts: Sequence[str]) -> list[str]:
         fast_rows = sorted(set(range(len(texts))) - set(slow))
         out = list(texts)
         for i in slow:
-            out[i] = unicodedata.normalize("NFKC", texts[i])
+            out[i] = _python_nfkc(texts[i])
         for i, text in zip(fast_rows, nfkc_many([texts[i] for i in fast_rows])):
             out[i] = text
         return out
