@@ -85,14 +85,12 @@ class FastTfidf:
         self._keep = keep
         self.keep_owner: object = None  # the segmenter whose keep test this is (set by the model)
         self._word: dict | None = None
-        self._char: tuple[dict[str, int], int] | None = None
-        self._char_index: tuple[pd.Index, np.ndarray] | None = None
+        self._char: tuple[pd.Index, np.ndarray, int] | None = None  # keys of the character n-grams, columns, n_max
         for kind, n_max, vectorizer in parts:
             if kind == "word":
                 self._word = self._index_words(vectorizer.vocabulary_, n_max)
             else:
-                self._char = (vectorizer.vocabulary_, n_max)
-                self._char_index = _index_char_grams(vectorizer.vocabulary_, n_max)
+                self._char = (*_index_char_grams(vectorizer.vocabulary_, n_max), n_max)
         self._reset_table()
 
     @classmethod
@@ -113,7 +111,10 @@ class FastTfidf:
             kind = {word_ngrams: "word", char_ngrams: "char"}.get(analyzer.func)
             if kind is None or vectorizer.norm != "l2" or vectorizer.binary or not vectorizer.use_idf:
                 return None
-            parts.append((kind, analyzer.keywords.get("n_max", 2), vectorizer))
+            n_max = analyzer.keywords.get("n_max", 2)
+            if kind == "char" and n_max > _MAX_KEYED_CHARS:
+                return None  # character n-grams too long to key as one int64
+            parts.append((kind, n_max, vectorizer))
         kinds = [kind for kind, _, _ in parts]
         if not parts or kinds.count("word") > 1 or kinds.count("char") > 1:
             return None
@@ -204,27 +205,16 @@ class FastTfidf:
 
     def _char_columns(self, tokens: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Per token, how many of its character n-grams are features, and those features' columns, token after
-        token. Array at a time on integer keys of the n-grams (a scoring run registers every distinct token it
+        token. Array at a time on integer keys of the n-grams: a scoring run registers every distinct token it
         meets, so in a real archive, with its names, addresses and numbers, this is a cost per record, not just a
-        start-up one); in Python, n-gram by n-gram, for n-grams too long to key."""
-        n = len(tokens)
+        start-up one."""
         if self._char is None:
-            return np.zeros(n, dtype=np.int64), np.empty(0, dtype=np.int64)
-        vocabulary, n_max = self._char
-        if self._char_index is not None:
-            owner, keys = _char_gram_keys(tokens, n_max)
-            keys_index, key_columns = self._char_index
-            found = keys_index.get_indexer(keys)
-            hit = found >= 0
-            return np.bincount(owner[hit], minlength=n), key_columns[found[hit]]
-        counts = np.zeros(n, dtype=np.int64)
-        columns: list[int] = []
-        for position, token in enumerate(tokens):
-            before = len(columns)
-            columns.extend(column for column in map(vocabulary.get, char_ngrams((token,), n_max))
-                           if column is not None)
-            counts[position] = len(columns) - before
-        return counts, np.asarray(columns, dtype=np.int64)
+            return np.zeros(len(tokens), dtype=np.int64), np.empty(0, dtype=np.int64)
+        keys_index, key_columns, n_max = self._char
+        owner, keys = _char_gram_keys(tokens, n_max)
+        found = keys_index.get_indexer(keys)
+        hit = found >= 0
+        return np.bincount(owner[hit], minlength=len(tokens)), key_columns[found[hit]]
 
     def _table_ids(self, distinct: list[str]) -> np.ndarray:
         """Each distinct token's id in the table, new tokens registered first."""
@@ -340,11 +330,9 @@ def _char_gram_keys(tokens: list[str], n_max: int) -> tuple[np.ndarray, np.ndarr
     return owner[order], key[order]
 
 
-def _index_char_grams(vocabulary: dict[str, int], n_max: int) -> tuple[pd.Index, np.ndarray] | None:
-    """The character vocabulary (n-grams of at most ``n_max`` characters) as integer keys (see
-    :func:`_char_gram_keys`) and their columns; None when its n-grams are too long to key."""
-    if n_max > _MAX_KEYED_CHARS:
-        return None
+def _index_char_grams(vocabulary: dict[str, int], n_max: int) -> tuple[pd.Index, np.ndarray]:
+    """The character vocabulary (n-grams of at most ``n_max`` ≤ 3 characters) as integer keys (see
+    :func:`_char_gram_keys`) and their columns."""
     points, lengths = _code_points(list(vocabulary))
     starts = np.cumsum(lengths) - lengths
     keys = np.zeros(len(lengths), dtype=np.int64)

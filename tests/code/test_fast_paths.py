@@ -7,12 +7,13 @@ text, and the PII patterns (written to start with a literal for speed) must equa
 import random
 import re
 import unicodedata
+from functools import partial
 
 import numpy as np
 import pytest
 
 from sanshi_ml.config import FeaturesConfig
-from sanshi_ml.features import FastTfidf, TokenCodes, build_vectorizer, joined_text_of
+from sanshi_ml.features import FastTfidf, TokenCodes, build_vectorizer, char_ngrams, joined_text_of
 from sanshi_ml.text import _PII_PATTERNS, Segmenter, model_input, nfkc_many, normalize, normalize_many
 
 TEXTS = [
@@ -143,12 +144,14 @@ def test_fast_tfidf_declines_what_it_cannot_reproduce():
         fast.transform([["物业"]], raw=True)
     union.set_params(word__norm="l1")
     assert FastTfidf.from_union(union) is None
+    union.set_params(word__norm="l2", char__analyzer=partial(char_ngrams, n_max=4))  # too long to key as one int64
+    assert FastTfidf.from_union(union) is None
 
 
 @pytest.mark.parametrize("char_ngram_max", [2, 3])
 def test_fast_tfidf_keys_character_ngrams_of_any_code_point(char_ngram_max):
     # Tokens over CJK, ASCII, NUL and astral characters: the integer keys of the character n-grams give sklearn's
-    # matrix; with lone surrogates too, the keyed columns equal the Python path's.
+    # matrix; with lone surrogates too, the keyed columns are those of char_ngrams looked up in the vocabulary.
     alphabet = ["物", "业", "电", "梯", "a", "1", "\x00", "\U0001f600", "\U00020000", "\U0010ffff"]
     rng = random.Random(char_ngram_max)
 
@@ -158,7 +161,7 @@ def test_fast_tfidf_keys_character_ngrams_of_any_code_point(char_ngram_max):
     docs = [[token(alphabet) for _ in range(rng.randint(0, 12))] for _ in range(300)]
     union = build_vectorizer(FeaturesConfig(word_ngram_max=1, char_ngram_max=char_ngram_max)).fit(docs[:200])
     fast = FastTfidf.from_union(union)
-    assert fast._char_index is not None
+    assert fast._char is not None
     expected = union.transform(docs).tocsr()
     got = fast.transform(docs)
     assert np.array_equal(got.indptr, expected.indptr)
@@ -167,9 +170,10 @@ def test_fast_tfidf_keys_character_ngrams_of_any_code_point(char_ngram_max):
 
     tokens = [token(alphabet + ["\ud800", "\udfff"]) for _ in range(2_000)]
     keyed = fast._char_columns(tokens)
-    fast._char_index = None
-    in_python = fast._char_columns(tokens)
-    assert np.array_equal(keyed[0], in_python[0]) and np.array_equal(keyed[1], in_python[1])
+    vocabulary = dict(union.transformer_list)["char"].vocabulary_
+    in_python = [[vocabulary[g] for g in char_ngrams((t,), char_ngram_max) if g in vocabulary] for t in tokens]
+    assert keyed[0].tolist() == [len(columns) for columns in in_python]
+    assert keyed[1].tolist() == [column for columns in in_python for column in columns]
 
 
 def test_fast_tfidf_token_table_restarts_without_changing_results(monkeypatch):
