@@ -39,7 +39,7 @@ from sanshi_ml.artifacts import atomic_write_bytes
 from sanshi_ml.records import (CSV_SUFFIXES, EXCEL_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES, ColumnMap, RecordError,
                                canonical_frame, iter_table, resolve_columns)
 from sanshi_ml.suggest import STATUS_OK, Suggester, text_status
-from sanshi_ml.text import model_input
+from sanshi_ml.text import build_batch_tables, model_input
 
 log = logging.getLogger(__name__)
 
@@ -603,7 +603,7 @@ def score(inputs: Sequence[str | Path], model_dir: str | Path, out: str | Path, 
     total, exact = estimate_rows(paths)
     status: Counter = Counter()
     rows_done = resumed = n_chunks = 0
-    executor = _start_workers(n_jobs, loaded, suggester, model_dir, policy_path, spec, parts_dir, schema)
+    executor = _start_workers(n_jobs, suggester, model_dir, policy_path, spec, parts_dir, schema)
     bar = None
     try:
         pending: dict[Future, int] = {}
@@ -676,7 +676,7 @@ def _check_keep_cols(suggester: Suggester, keep_cols: Sequence[str]) -> None:
         raise ScoringError("--keep-cols names a column twice")
 
 
-def _start_workers(n_jobs: int, loaded, suggester: Suggester, model_dir, policy_path, spec: ScoringSpec,
+def _start_workers(n_jobs: int, suggester: Suggester, model_dir, policy_path, spec: ScoringSpec,
                    parts_dir: Path, schema: pa.Schema) -> ProcessPoolExecutor | None:
     """A pool of ``n_jobs`` processes, or None to score in this process when one job is asked for.
 
@@ -693,6 +693,7 @@ def _start_workers(n_jobs: int, loaded, suggester: Suggester, model_dir, policy_
         # Warm-up builds the segmenter's dictionary and the fast TF-IDF index once, before the fork, so they are
         # shared too. Few enough texts that pyarrow's thread pools are not started in the parent.
         suggester.score_frame(["小区电梯坏了一个多月物业不修", "楼上邻居深夜噪音扰民"])
+        build_batch_tables()  # a two-text batch takes the per-text paths, which never build them
         _WORKER["suggester"] = suggester
         gc.collect()
         gc.freeze()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
 
 import numpy as np
@@ -15,8 +16,9 @@ from typer.testing import CliRunner
 from sanshi_ml.artifacts import load_model, save_model
 from sanshi_ml.cli import app
 from sanshi_ml.records import ColumnMap, RecordError
-from sanshi_ml.scoring import (ScoringError, ScoringSpec, expand_inputs, iter_chunks, output_schema, part_paths,
-                               score, score_chunk)
+from sanshi_ml import text
+from sanshi_ml.scoring import (ScoringError, ScoringSpec, _start_workers, expand_inputs, iter_chunks, output_schema,
+                               part_paths, score, score_chunk)
 from sanshi_ml.suggest import Suggester
 from tests.conftest import DEMO_CSV
 
@@ -101,6 +103,22 @@ def test_several_processes_give_the_same_output_as_one(tmp_path, demo_model_dir,
     two = score([demo_sample], demo_model_dir, tmp_path / "two.parquet", chunk_size=10, jobs=2, progress=False)
     assert two.jobs == 2
     assert pq.read_table(one.out).equals(pq.read_table(two.out))
+
+
+def _batch_tables_built() -> bool:
+    return text._unassigned_chars.cache_info().currsize == 1
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(),
+                    reason="workers inherit the parent's tables only when they are forked")
+def test_forked_workers_inherit_the_batch_tables_instead_of_each_building_them(tmp_path, demo_model_dir, suggester):
+    text._unassigned_chars.cache_clear()
+    executor = _start_workers(2, suggester, demo_model_dir, None, ScoringSpec(columns=COLUMNS), tmp_path,
+                              output_schema(suggester))
+    try:
+        assert [executor.submit(_batch_tables_built).result() for _ in range(4)] == [True] * 4
+    finally:
+        executor.shutdown()
 
 
 def test_a_batch_score_equals_the_suggester_answer_for_the_same_record(demo_model_dir, suggester):
