@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from sanshi_ml import text as text_module
 from sanshi_ml.artifacts import load_model, save_model
 from sanshi_ml.cli import app
 from sanshi_ml.records import ColumnMap, RecordError
-from sanshi_ml import text
 from sanshi_ml.scoring import (ScoringError, ScoringSpec, _start_workers, expand_inputs, iter_chunks, output_schema,
                                part_paths, score, score_chunk)
 from sanshi_ml.suggest import Suggester
@@ -106,13 +106,13 @@ def test_several_processes_give_the_same_output_as_one(tmp_path, demo_model_dir,
 
 
 def _batch_tables_built() -> bool:
-    return text._unassigned_chars.cache_info().currsize == 1
+    return text_module._unassigned_chars.cache_info().currsize == 1
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(),
                     reason="workers inherit the parent's tables only when they are forked")
 def test_forked_workers_inherit_the_batch_tables_instead_of_each_building_them(tmp_path, demo_model_dir, suggester):
-    text._unassigned_chars.cache_clear()
+    text_module._unassigned_chars.cache_clear()
     executor = _start_workers(2, suggester, demo_model_dir, None, ScoringSpec(columns=COLUMNS), tmp_path,
                               output_schema(suggester))
     try:
