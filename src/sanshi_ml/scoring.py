@@ -15,6 +15,7 @@ holds every input record exactly once.
 
 from __future__ import annotations
 
+import gc
 import glob
 import hashlib
 import json
@@ -603,6 +604,7 @@ def score(inputs: Sequence[str | Path], model_dir: str | Path, out: str | Path, 
     total, exact = estimate_rows(paths)
     status: Counter = Counter()
     rows_done = resumed = n_chunks = 0
+    frozen_before = gc.get_freeze_count() > 0
     executor = _start_workers(n_jobs, suggester, model_dir, policy_path, spec, parts_dir, schema)
     bar = None
     try:
@@ -653,6 +655,11 @@ def score(inputs: Sequence[str | Path], model_dir: str | Path, out: str | Path, 
             bar.close()
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
+            if not frozen_before:
+                # The freeze was for the forked workers' sake. A notebook that scores goes on running in this
+                # process, and what it frees later in reference cycles must stay collectable.
+                gc.unfreeze()
+        _WORKER.clear()  # the in-process path left the suggester here; the caller's next model must not sit beside it
     rows = assemble(parts_dir, n_chunks, out, fmt, schema)
     if rows != rows_done:  # cannot happen unless a part was changed behind the run's back
         raise ScoringError(f"{parts_dir}: the parts hold {rows} rows, the checkpoints {rows_done}; rerun with "
@@ -682,11 +689,11 @@ def _start_workers(n_jobs: int, suggester: Suggester, model_dir, policy_path, sp
 
     On Linux the workers are forked after the model is loaded and warmed up, so they share its pages (the
     coefficients alone are hundreds of MB) instead of each loading a copy; ``gc.freeze`` keeps the collector
-    from touching, and so copying, those pages. Elsewhere each worker loads the model once in its initializer.
+    from touching, and so copying, those pages (:func:`score` unfreezes once the workers are gone). Elsewhere each
+    worker loads the model once in its initializer.
     """
     if n_jobs <= 1:
         return None
-    import gc
     import multiprocessing as mp
 
     if "fork" in mp.get_all_start_methods():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import shutil
@@ -13,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from sanshi_ml import scoring
 from sanshi_ml import text as text_module
 from sanshi_ml.artifacts import load_model, save_model
 from sanshi_ml.cli import app
@@ -119,6 +121,17 @@ def test_forked_workers_inherit_the_batch_tables_instead_of_each_building_them(t
         assert [executor.submit(_batch_tables_built).result() for _ in range(4)] == [True] * 4
     finally:
         executor.shutdown()
+        gc.unfreeze()  # what score() does after its workers are gone
+
+
+def test_a_run_leaves_the_calling_process_as_it_found_it(tmp_path, demo_model_dir, demo_sample):
+    """A notebook goes on after scoring: its garbage collector must work again (the freeze is for the forked
+    workers only), and the model must not stay behind in the module, beside the next one the notebook loads."""
+    gc.unfreeze()
+    for jobs in (1, 2):
+        score([demo_sample], demo_model_dir, tmp_path / f"{jobs}.parquet", chunk_size=20, jobs=jobs, progress=False)
+        assert gc.get_freeze_count() == 0
+        assert scoring._WORKER == {}
 
 
 def test_a_batch_score_equals_the_suggester_answer_for_the_same_record(demo_model_dir, suggester):
