@@ -260,11 +260,11 @@ def run_front_stages(model_dir: Path, archive: Path, jobs: int) -> dict:
     """Time sanshi-ml's normalisation and segmentation alone over the archive with ``jobs`` processes."""
     if "sanshi_model" not in _REF:
         from sanshi_ml.artifacts import load_model
-        from sanshi_ml.text import build_batch_tables
+        from sanshi_ml.text import build_unassigned_table
 
         model = load_model(model_dir).model
         model.segmenter.raw_cut_joined(["小区电梯坏了", "噪音扰民"])  # rjieba's dictionary, before the fork
-        build_batch_tables()
+        build_unassigned_table()
         _REF["sanshi_model"] = model
     return _run_parts(_front_stages_part, archive, jobs)
 

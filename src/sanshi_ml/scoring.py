@@ -40,7 +40,7 @@ from sanshi_ml.artifacts import atomic_write_bytes
 from sanshi_ml.records import (CSV_SUFFIXES, EXCEL_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES, ColumnMap, RecordError,
                                canonical_frame, iter_table, resolve_columns)
 from sanshi_ml.suggest import STATUS_OK, Suggester, text_status
-from sanshi_ml.text import build_batch_tables, model_input
+from sanshi_ml.text import build_unassigned_table, model_input
 
 log = logging.getLogger(__name__)
 
@@ -654,11 +654,7 @@ def score(inputs: Sequence[str | Path], model_dir: str | Path, out: str | Path, 
         if bar is not None:
             bar.close()
         if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
-            if not frozen_before:
-                # The freeze was for the forked workers' sake. A notebook that scores goes on running in this
-                # process, and what it frees later in reference cycles must stay collectable.
-                gc.unfreeze()
+            _stop_workers(executor, frozen_before)
         _WORKER.clear()  # the in-process path left the suggester here; the caller's next model must not sit beside it
     rows = assemble(parts_dir, n_chunks, out, fmt, schema)
     if rows != rows_done:  # cannot happen unless a part was changed behind the run's back
@@ -689,7 +685,7 @@ def _start_workers(n_jobs: int, suggester: Suggester, model_dir, policy_path, sp
 
     On Linux the workers are forked after the model is loaded and warmed up, so they share its pages (the
     coefficients alone are hundreds of MB) instead of each loading a copy; ``gc.freeze`` keeps the collector
-    from touching, and so copying, those pages (:func:`score` unfreezes once the workers are gone). Elsewhere each
+    from touching, and so copying, those pages (:func:`_stop_workers` unfreezes once the workers are gone). Elsewhere each
     worker loads the model once in its initializer.
     """
     if n_jobs <= 1:
@@ -700,7 +696,7 @@ def _start_workers(n_jobs: int, suggester: Suggester, model_dir, policy_path, sp
         # Warm-up builds the segmenter's dictionary and the fast TF-IDF index once, before the fork, so they are
         # shared too. Few enough texts that pyarrow's thread pools are not started in the parent.
         suggester.score_frame(["小区电梯坏了一个多月物业不修", "楼上邻居深夜噪音扰民"])
-        build_batch_tables()  # a two-text batch takes the per-text paths, which never build them
+        build_unassigned_table()  # a two-text batch takes the per-text path, which never builds it
         _WORKER["suggester"] = suggester
         gc.collect()
         gc.freeze()
@@ -716,6 +712,15 @@ def _start_workers(n_jobs: int, suggester: Suggester, model_dir, policy_path, sp
         future.result()
     _WORKER.pop("suggester", None)
     return executor
+
+
+def _stop_workers(executor: ProcessPoolExecutor, frozen_before: bool) -> None:
+    """Shut the pool down, then give this process its garbage collector back: the freeze in :func:`_start_workers`
+    was for the forked workers' sake, and a notebook that scored goes on running here, where what it frees later in
+    reference cycles must stay collectable. ``frozen_before``: the caller had frozen objects itself; leave them."""
+    executor.shutdown(wait=True, cancel_futures=True)
+    if not frozen_before:
+        gc.unfreeze()
 
 
 # --------------------------------------------------------------------------------------------------------------------

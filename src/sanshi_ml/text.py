@@ -214,11 +214,11 @@ def _holds_any(classes: tuple[re.Pattern[str], re.Pattern[str]], text: str) -> b
     return bmp.search(text) is not None or (_ASTRAL.search(text) is not None and astral.search(text) is not None)
 
 
-def build_batch_tables() -> None:
-    """Build now the character tables the batch paths otherwise build on first use (0.3 s): a process about to
-    fork its workers calls this, so they share one copy instead of each building its own."""
+def build_unassigned_table() -> None:
+    """Build now the table of code points Python does not know, which only batches of ``_ARROW_MIN_BATCH`` texts
+    or more use and would otherwise build at the first (0.3 s): a process about to fork its workers calls this, so
+    they share one copy instead of each building its own."""
     _unassigned_chars()
-    _t2s_triggers()
 
 
 def _has_unassigned(text: str) -> bool:

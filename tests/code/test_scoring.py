@@ -19,7 +19,7 @@ from sanshi_ml import text as text_module
 from sanshi_ml.artifacts import load_model, save_model
 from sanshi_ml.cli import app
 from sanshi_ml.records import ColumnMap, RecordError
-from sanshi_ml.scoring import (ScoringError, ScoringSpec, _start_workers, expand_inputs, iter_chunks, output_schema,
+from sanshi_ml.scoring import (ScoringError, ScoringSpec, _start_workers, _stop_workers, expand_inputs, iter_chunks, output_schema,
                                part_paths, score, score_chunk)
 from sanshi_ml.suggest import Suggester
 from tests.conftest import DEMO_CSV
@@ -107,21 +107,20 @@ def test_several_processes_give_the_same_output_as_one(tmp_path, demo_model_dir,
     assert pq.read_table(one.out).equals(pq.read_table(two.out))
 
 
-def _batch_tables_built() -> bool:
+def _unassigned_table_built() -> bool:
     return text_module._unassigned_chars.cache_info().currsize == 1
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(),
-                    reason="workers inherit the parent's tables only when they are forked")
-def test_forked_workers_inherit_the_batch_tables_instead_of_each_building_them(tmp_path, demo_model_dir, suggester):
+                    reason="workers inherit the parent's table only when they are forked")
+def test_forked_workers_inherit_the_unassigned_table_instead_of_each_building_it(tmp_path, demo_model_dir, suggester):
     text_module._unassigned_chars.cache_clear()
     executor = _start_workers(2, suggester, demo_model_dir, None, ScoringSpec(columns=COLUMNS), tmp_path,
                               output_schema(suggester))
     try:
-        assert [executor.submit(_batch_tables_built).result() for _ in range(4)] == [True] * 4
+        assert [executor.submit(_unassigned_table_built).result() for _ in range(4)] == [True] * 4
     finally:
-        executor.shutdown()
-        gc.unfreeze()  # what score() does after its workers are gone
+        _stop_workers(executor, frozen_before=False)
 
 
 def test_a_run_leaves_the_calling_process_as_it_found_it(tmp_path, demo_model_dir, demo_sample):
