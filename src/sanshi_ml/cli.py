@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
@@ -32,6 +33,14 @@ IdOpt = Annotated[str | None, typer.Option("--id-col", help="record id column (d
 TimeOpt = Annotated[str | None, typer.Option("--time-col", help="received-time column (default: 留言时间, 受理时间, …)")]
 ModelDirOpt = Annotated[Path | None, typer.Option("--model-dir", help="model directory (default from params)")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
+EncodingOpt = Annotated[str | None, typer.Option(
+    "--encoding", help="CSV text encoding, e.g. gb18030, utf-8, utf-16, big5 (default: the byte-order mark, else "
+                       "detected)")]
+SheetOpt = Annotated[str | None, typer.Option(
+    "--sheet", help="Excel: the sheet's name or number, 1 = the first (default: the first sheet)")]
+HeaderRowOpt = Annotated[int | None, typer.Option(
+    "--header-row", min=1, help="row of the column names, 1 = the first (default: the first row holding the "
+                                "needed columns, so title rows above the header are skipped)")]
 
 
 class UsageError(ValueError):
@@ -63,7 +72,9 @@ def friendly_errors(func: Callable) -> Callable:
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            # In a copy of the context: what the command sets there (the read options build_params sets) ends
+            # with it, also when commands run one after another in one process (tests, notebooks).
+            return contextvars.copy_context().run(func, *args, **kwargs)
         except _known_errors() as error:
             typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
             raise typer.Exit(code=2) from None
@@ -91,17 +102,27 @@ def parse_targets(values: list[str] | None) -> dict[str, str] | None:
 
 def build_params(params_file: Path | None, text_cols: str | None = None, segmented_col: str | None = None,
                  targets: list[str] | None = None, id_col: str | None = None, time_col: str | None = None,
+                 encoding: str | None = None, sheet: str | None = None, header_row: int | None = None,
                  **dotted: Any) -> Params:
-    """params.yaml with command-line options laid over it."""
+    """params.yaml with command-line options laid over it.
+
+    Its ``data.encoding``, ``data.sheet`` and ``data.header_row`` become how every file is read for the rest of the
+    command (:func:`sanshi_ml.readers.set_read_options`; :func:`friendly_errors` ends them with the command).
+    """
+    from sanshi_ml.readers import ReadOptions, set_read_options
+
     params = load_params(params_file)
     overrides: dict[str, Any] = {f"data.columns.{k}": v for k, v in {
         "id_col": id_col, "time_col": time_col, "segmented_col": segmented_col,
         "targets": parse_targets(targets)}.items()}
+    overrides.update({"data.encoding": encoding, "data.sheet": sheet, "data.header_row": header_row})
     if _columns_given(text_cols, segmented_col, targets):
         # Another export: its id and time columns are recognised by name unless given, not taken from params.yaml.
         params.data.columns.id_col = None
         params.data.columns.time_col = None
         params.data.columns.segmented_col = None
+        # Nor is how params.yaml's export is read: its encoding, sheet and header row are detected unless given.
+        params.data.encoding = params.data.sheet = params.data.header_row = None
     if text_cols is not None:
         overrides["data.columns.text_cols"] = [c.strip() for c in text_cols.split(",") if c.strip()]
     elif segmented_col is not None:
@@ -110,6 +131,7 @@ def build_params(params_file: Path | None, text_cols: str | None = None, segment
     params = with_overrides(params, overrides)
     if params.split.stratify_target not in (None, *params.data.columns.targets):
         params.split.stratify_target = None  # stratify on the first target of this export
+    set_read_options(ReadOptions.from_config(params.data))
     return params
 
 
@@ -126,6 +148,7 @@ def train(
     data: Annotated[list[Path] | None, typer.Argument(help="labelled export(s): CSV, Excel, Parquet or JSONL")] = None,
     text_cols: TextColsOpt = None, segmented_col: SegmentedOpt = None, target: TargetOpt = None,
     id_col: IdOpt = None, time_col: TimeOpt = None, model_dir: ModelDirOpt = None, params_file: ParamsOpt = None,
+    encoding: EncodingOpt = None, sheet: SheetOpt = None, header_row: HeaderRowOpt = None,
     test_size: Annotated[float | None, typer.Option(help="held-out share")] = None,
     seed: Annotated[int | None, typer.Option(help="split seed")] = None,
     target_accuracy: Annotated[float | None, typer.Option(
@@ -140,7 +163,8 @@ def train(
     from sanshi_ml.evaluate import summary_lines
     from sanshi_ml.train import train as run_train
 
-    params = build_params(params_file, text_cols, segmented_col, target, id_col, time_col, **{
+    params = build_params(params_file, text_cols, segmented_col, target, id_col, time_col, encoding, sheet,
+                          header_row, **{
         "split.test_size": test_size, "split.seed": seed, "train.target_accuracy": target_accuracy,
         "train.C": C, "text.backend": backend, "train.model_dir": str(model_dir) if model_dir else None})
     sources = data or [Path(params.data.path)]
@@ -156,6 +180,7 @@ def tune(
     data: Annotated[list[Path] | None, typer.Argument(help="labelled export(s): CSV, Excel, Parquet or JSONL")] = None,
     text_cols: TextColsOpt = None, segmented_col: SegmentedOpt = None, target: TargetOpt = None,
     id_col: IdOpt = None, time_col: TimeOpt = None, params_file: ParamsOpt = None,
+    encoding: EncodingOpt = None, sheet: SheetOpt = None, header_row: HeaderRowOpt = None,
     rank_by: Annotated[str | None, typer.Option(
         "--rank-by", help="target whose cross-validated macro-F1 ranks the settings (default: tune.target)")] = None,
     cv: Annotated[int | None, typer.Option("--cv", min=2, help="folds per setting (default: tune.cv)")] = None,
@@ -173,7 +198,8 @@ def tune(
     from sanshi_ml.tune import tune as run_tune
     from sanshi_ml.tune import write_best
 
-    params = build_params(params_file, text_cols, segmented_col, target, id_col, time_col)
+    params = build_params(params_file, text_cols, segmented_col, target, id_col, time_col, encoding, sheet,
+                          header_row)
     if not params.tune.space:
         raise UsageError("tune.space in the params file is empty: give the values to try, e.g. "
                          "'train.C: [0.3, 0.7, 1.5]' (see docs/analysts.md)")
@@ -204,6 +230,7 @@ def evaluate(
     cv: Annotated[int | None, typer.Option("--cv", help="also run K-fold cross-validation (K ≥ 2)")] = None,
     text_cols: TextColsOpt = None, segmented_col: SegmentedOpt = None, target: TargetOpt = None,
     id_col: IdOpt = None, time_col: TimeOpt = None, params_file: ParamsOpt = None, verbose: VerboseOpt = False,
+    encoding: EncodingOpt = None, sheet: SheetOpt = None, header_row: HeaderRowOpt = None,
 ) -> None:
     """Evaluate a saved model: metrics.json (per target, per class, per slice, ECE) and plots."""
     _setup_logging(verbose)
@@ -213,7 +240,8 @@ def evaluate(
 
     if cv is not None and cv == 1:
         raise UsageError("--cv needs K ≥ 2 folds")
-    params = build_params(params_file, text_cols, segmented_col, target, id_col, time_col)
+    params = build_params(params_file, text_cols, segmented_col, target, id_col, time_col, encoding, sheet,
+                          header_row)
     # Without column options, the columns recorded with the model are used.
     columns = ColumnMap.from_config(params.data.columns) if _columns_given(
         text_cols, segmented_col, target, id_col, time_col) else None
@@ -286,12 +314,14 @@ def prepare(
     out: Annotated[Path | None, typer.Option("--out", help="output directory (default: prepare.out_dir)")] = None,
     text_cols: TextColsOpt = None, segmented_col: SegmentedOpt = None, target: TargetOpt = None,
     id_col: IdOpt = None, time_col: TimeOpt = None, params_file: ParamsOpt = None, verbose: VerboseOpt = False,
+    encoding: EncodingOpt = None, sheet: SheetOpt = None, header_row: HeaderRowOpt = None,
 ) -> None:
     """Validate labelled export(s) and write them as one records.parquet (+ prepare.json) for train and evaluate."""
     _setup_logging(verbose)
     from sanshi_ml.prepare import prepare as run_prepare
 
-    params = build_params(params_file, text_cols, segmented_col, target, id_col, time_col)
+    params = build_params(params_file, text_cols, segmented_col, target, id_col, time_col, encoding, sheet,
+                          header_row)
     report = run_prepare(data or [Path(params.data.path)], params, out or Path(params.prepare.out_dir),
                          progress=lambda m: typer.echo(m, err=True))
     typer.echo(f"prepared: {report['output']}  ({report['rows']} records, data sha256 {report['data_sha256'][:12]})")
@@ -390,6 +420,7 @@ def score(
     out: Annotated[Path, typer.Option("--out", help="output .parquet or .csv (with --dask: a .parquet directory)")],
     model_dir: ModelDirOpt = None,
     text_cols: TextColsOpt = None, segmented_col: SegmentedOpt = None, id_col: IdOpt = None, time_col: TimeOpt = None,
+    encoding: EncodingOpt = None, sheet: SheetOpt = None, header_row: HeaderRowOpt = None,
     keep_cols: Annotated[str | None, typer.Option(
         "--keep-cols", help="comma-separated input columns copied to the output as they are (e.g. the archive's "
                             "own 承办单位, to audit past dispatch)")] = None,
@@ -408,7 +439,7 @@ def score(
     from sanshi_ml.records import ColumnMap
     from sanshi_ml.scoring import score as run_score
 
-    params = build_params(params_file, text_cols, segmented_col, None, id_col, time_col)
+    params = build_params(params_file, text_cols, segmented_col, None, id_col, time_col, encoding, sheet, header_row)
     # Without column options, the columns recorded with the model are used.
     columns = ColumnMap.from_config(params.data.columns).without_targets() if _columns_given(
         text_cols, segmented_col, id_col, time_col) else None

@@ -53,7 +53,31 @@ class ColumnsConfig(_Section):
 
 class DataConfig(_Section):
     path: str = "data/demo/records.csv"
+    encoding: str | None = Field(None, description=(
+        "text encoding of CSV exports; None: the byte-order mark, else detected (GB18030/GBK, UTF-8, UTF-16, Big5)"))
+    sheet: str | int | None = Field(None, description="Excel: a sheet's name or 1-based position; None: the first")
+    header_row: int | None = Field(None, ge=1, description=(
+        "1-based row of the column names (CSV and Excel); None: the first row holding the needed columns"))
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str | None) -> str | None:
+        import codecs
+
+        if value is not None:
+            try:
+                codecs.lookup(value)
+            except LookupError:
+                raise ValueError(f"unknown encoding {value!r}; e.g. gb18030, utf-8, utf-16, big5") from None
+        return value
+
+    @field_validator("sheet")
+    @classmethod
+    def _sheet_position_from_one(cls, value: str | int | None) -> str | int | None:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("a sheet's position counts from 1 (the first sheet)")
+        return value
 
 
 class SplitConfig(_Section):

@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from sanshi_ml.config import Params
-from sanshi_ml.records import ColumnMap, RecordSet, load_many
+from sanshi_ml.records import ColumnMap, ReadOptions, RecordSet, load_many
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def prepare(data: Sequence[str | Path], params: Params, out_dir: str | Path | No
     say = progress or log.info
     cmap = ColumnMap.from_config(params.data.columns)
     out_dir = Path(out_dir or params.prepare.out_dir)
-    records = load_many([str(p) for p in data], cmap)
+    records = load_many([str(p) for p in data], cmap, ReadOptions.from_config(params.data))
     for line in records.report.lines():
         say(line)
     frame = export_frame(records, cmap)

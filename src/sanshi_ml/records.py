@@ -1,5 +1,6 @@
 """The record schema, loaders for CSV / Excel / Parquet / JSONL exports, validation and the held-out split.
 
+Files are read by :mod:`sanshi_ml.readers` (encoding, delimiter, sheet, header row), re-exported here.
 An export may name its columns anything; :class:`ColumnMap` says which column is which. Whatever the source, a loaded
 :class:`RecordSet` has the canonical columns ``id, title, text, received_at`` (plus ``segmented`` when the export was
 already cut into words) and one column per target, named by the target.
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,9 @@ import numpy as np
 import pandas as pd
 
 from sanshi_ml.config import ColumnsConfig
+from sanshi_ml.readers import (CSV_SUFFIXES, EXCEL_SUFFIXES, JSONL_SUFFIXES,  # noqa: F401 (re-exported)
+                               PARQUET_SUFFIXES, SUPPORTED_SUFFIXES, Layout, ReadOptions, RecordError, inspect,
+                               iter_table, read_frame, read_table, require_columns)
 from sanshi_ml.text import model_input
 
 log = logging.getLogger(__name__)
@@ -24,17 +28,8 @@ log = logging.getLogger(__name__)
 ID_CANDIDATES = ("留言编号", "工单编号", "编号", "record_id", "id", "ID", "Id")
 TIME_CANDIDATES = ("留言时间", "受理时间", "来电时间", "登记时间", "创建时间", "received_at", "created_at", "time")
 
-CSV_SUFFIXES = {".csv", ".tsv", ".txt"}
-EXCEL_SUFFIXES = {".xlsx", ".xlsm", ".xls"}
-PARQUET_SUFFIXES = {".parquet", ".pq"}
-JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
-SUPPORTED_SUFFIXES = CSV_SUFFIXES | EXCEL_SUFFIXES | PARQUET_SUFFIXES | JSONL_SUFFIXES
-
 BASE_COLUMNS = ("id", "title", "text", "received_at")
-
-
-class RecordError(ValueError):
-    """An export that cannot be used as it is; the message names the file and, where it applies, the column."""
+UNDECODABLE = "\ufffd"
 
 
 @dataclass(frozen=True)
@@ -63,21 +58,27 @@ class LoadReport:
     source: str
     rows_read: int = 0
     empty_text_ids: list[str] = field(default_factory=list)
+    undecodable_ids: list[str] = field(default_factory=list)
     duplicate_rows: int = 0
     duplicate_groups: int = 0
     missing_labels: dict[str, int] = field(default_factory=dict)
     unparsed_times: int = 0
+    reading: str = ""  # how the file was read, when it was not plain UTF-8 CSV with the header on row 1
 
     @property
     def rows_kept(self) -> int:
-        return self.rows_read - len(self.empty_text_ids)
+        return self.rows_read - len(self.empty_text_ids) - len(self.undecodable_ids)
 
     def lines(self) -> list[str]:
         """A short human-readable account, one fact a line."""
-        out = [f"{self.source}: {self.rows_read} rows read, {self.rows_kept} kept"]
+        out = [f"{self.source}: {self.rows_read} rows read, {self.rows_kept} kept"
+               + (f"; {self.reading}" if self.reading else "")]
         if self.empty_text_ids:
-            shown = ", ".join(self.empty_text_ids[:10]) + (" …" if len(self.empty_text_ids) > 10 else "")
+            shown = _shown(self.empty_text_ids)
             out.append(f"  skipped {len(self.empty_text_ids)} rows with empty text (ids: {shown})")
+        if self.undecodable_ids:
+            out.append(f"  skipped {len(self.undecodable_ids)} rows whose text or labels hold undecodable bytes "
+                       f"(U+FFFD; ids: {_shown(self.undecodable_ids)})")
         if self.duplicate_rows:
             out.append(f"  {self.duplicate_rows} rows repeat an earlier text exactly ({self.duplicate_groups} texts); "
                        "copies are kept on the same side of every split")
@@ -90,9 +91,14 @@ class LoadReport:
 
     def as_dict(self) -> dict:
         return {"source": self.source, "rows_read": self.rows_read, "rows_kept": self.rows_kept,
-                "empty_text": len(self.empty_text_ids), "duplicate_rows": self.duplicate_rows,
-                "duplicate_groups": self.duplicate_groups, "missing_labels": dict(self.missing_labels),
-                "unparsed_times": self.unparsed_times}
+                "empty_text": len(self.empty_text_ids), "undecodable": len(self.undecodable_ids),
+                "duplicate_rows": self.duplicate_rows, "duplicate_groups": self.duplicate_groups,
+                "missing_labels": dict(self.missing_labels), "unparsed_times": self.unparsed_times,
+                "reading": self.reading}
+
+
+def _shown(ids: list[str]) -> str:
+    return ", ".join(ids[:10]) + (" …" if len(ids) > 10 else "")
 
 
 @dataclass
@@ -133,83 +139,13 @@ class RecordSet:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Reading files
+# Reading files: how bytes become a frame of strings is readers.py's; here, which columns a command needs
 
 
-def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise RecordError(f"{path}: file not found")
-    if path.is_dir():
-        raise RecordError(f"{path}: is a directory, expected a CSV, Excel, Parquet or JSONL file")
-    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
-        raise RecordError(f"{path}: unsupported file type '{path.suffix}'; "
-                          f"use one of {', '.join(sorted(SUPPORTED_SUFFIXES))}")
-    if path.stat().st_size == 0:
-        raise RecordError(f"{path}: file is empty")
-
-
-def _csv_kwargs(path: Path) -> dict:
-    sep = "\t" if path.suffix.lower() == ".tsv" else ","
-    # encoding_errors="replace": one undecodable byte must not sink a whole export; the row keeps a U+FFFD.
-    return {"sep": sep, "dtype": str, "keep_default_na": False, "na_values": [""], "encoding": "utf-8-sig",
-            "encoding_errors": "replace"}
-
-
-def read_table(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
-    """Read a whole export into a DataFrame of strings, with an error that names the file if it cannot be read."""
-    path = Path(path)
-    _check_file(path)
-    suffix = path.suffix.lower()
-    try:
-        if suffix in CSV_SUFFIXES:
-            frame = pd.read_csv(path, **_csv_kwargs(path))
-        elif suffix in EXCEL_SUFFIXES:
-            frame = pd.read_excel(path, dtype=str)
-        elif suffix in PARQUET_SUFFIXES:
-            frame = pd.read_parquet(path)
-        else:
-            frame = pd.read_json(path, lines=suffix != ".json", dtype=False)
-    except RecordError:
-        raise
-    except Exception as error:  # the reader's own message is the useful part; keep the file name in front
-        raise RecordError(f"{path}: cannot be read as {suffix[1:]}: {error}") from error
-    if frame.empty and len(frame.columns) == 0:
-        raise RecordError(f"{path}: no columns found (empty file?)")
-    if columns is not None:
-        require_columns(frame, columns, path)
-    return frame
-
-
-def iter_table(path: str | Path, chunk_size: int = 20_000) -> Iterator[pd.DataFrame]:
-    """Stream an export in chunks of about ``chunk_size`` rows, so memory stays flat whatever the file's size."""
-    path = Path(path)
-    _check_file(path)
-    suffix = path.suffix.lower()
-    try:
-        if suffix in CSV_SUFFIXES:
-            yield from pd.read_csv(path, chunksize=chunk_size, **_csv_kwargs(path))
-        elif suffix in PARQUET_SUFFIXES:
-            import pyarrow.parquet as pq
-
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_size):
-                yield batch.to_pandas()
-        elif suffix in JSONL_SUFFIXES and suffix != ".json":
-            yield from pd.read_json(path, lines=True, chunksize=chunk_size, dtype=False)
-        else:  # Excel and whole-document JSON have no streaming reader; they are small by nature.
-            frame = read_table(path)
-            for start in range(0, len(frame), chunk_size):
-                yield frame.iloc[start:start + chunk_size]
-    except RecordError:
-        raise
-    except Exception as error:
-        raise RecordError(f"{path}: cannot be read as {suffix[1:]}: {error}") from error
-
-
-def require_columns(frame: pd.DataFrame, columns: Sequence[str], source: str | Path) -> None:
-    missing = [column for column in columns if column not in frame.columns]
-    if missing:
-        raise RecordError(f"{source}: missing column(s) {', '.join(repr(c) for c in missing)}; "
-                          f"the file has {', '.join(map(str, frame.columns))}")
+def header_columns(cmap: ColumnMap) -> tuple[str, ...]:
+    """The columns named in ``cmap``: the header row of an export is the first row that holds them all."""
+    named = (*cmap.text_cols, cmap.segmented_col, cmap.id_col, cmap.time_col, *cmap.targets.values())
+    return tuple(dict.fromkeys(c for c in named if c))
 
 
 def _detect(frame: pd.DataFrame, explicit: str | None, candidates: Sequence[str]) -> str | None:
@@ -279,18 +215,33 @@ def canonical_frame(frame: pd.DataFrame, cmap: ColumnMap, source: str | Path, ro
     return out.reset_index(drop=True)
 
 
-def to_records(frame: pd.DataFrame, cmap: ColumnMap, source: str | Path) -> RecordSet:
-    """Validate an export already in memory: report and skip empty texts, count duplicates and missing labels."""
+def to_records(frame: pd.DataFrame, cmap: ColumnMap, source: str | Path, reading: str = "") -> RecordSet:
+    """Validate an export already in memory: report and skip empty texts and texts or labels with undecodable
+    bytes, count duplicates and missing labels."""
     canon = canonical_frame(frame, cmap, source)
     segmented = cmap.segmented_col is not None
-    report = LoadReport(source=str(source), rows_read=len(canon))
+    report = LoadReport(source=str(source), rows_read=len(canon), reading=reading)
     content = canon["segmented"] if segmented else canon["title"].str.cat(canon["text"], sep="\n")
     empty = content.str.strip() == ""
     report.empty_text_ids = canon.loc[empty, "id"].tolist()
+    # A byte the reader could not decode became U+FFFD; such a row is neither learned from nor measured on (a
+    # garbled label would become a class of its own). The reader has already refused a file with many of them.
+    undecodable = ~empty & _holds_undecodable(canon, ["segmented" if segmented else "text", "title",
+                                                      *cmap.targets])
+    report.undecodable_ids = canon.loc[undecodable, "id"].tolist()
     if _detect(frame, cmap.time_col, TIME_CANDIDATES):
         report.unparsed_times = int(canon["received_at"].isna().sum())
-    canon = canon.loc[~empty].reset_index(drop=True)
+    canon = canon.loc[~(empty | undecodable)].reset_index(drop=True)
     return _with_groups(canon, list(cmap.targets), report, segmented)
+
+
+def _holds_undecodable(canon: pd.DataFrame, columns: list[str]) -> pd.Series:
+    found = pd.Series(False, index=canon.index)
+    for column in columns:
+        values = canon[column].tolist()
+        if any(UNDECODABLE in v for v in values if isinstance(v, str)):
+            found |= pd.Series([isinstance(v, str) and UNDECODABLE in v for v in values], index=canon.index)
+    return found
 
 
 def _with_groups(frame: pd.DataFrame, targets: list[str], report: LoadReport, segmented: bool) -> RecordSet:
@@ -306,19 +257,23 @@ def _with_groups(frame: pd.DataFrame, targets: list[str], report: LoadReport, se
     return RecordSet(frame=frame, targets=targets, report=report, segmented=segmented)
 
 
-def load_records(path: str | Path, cmap: ColumnMap) -> RecordSet:
-    """Read and validate one export."""
-    return to_records(read_table(path), cmap, path)
+def load_records(path: str | Path, cmap: ColumnMap, read: ReadOptions | None = None) -> RecordSet:
+    """Read and validate one export. ``read``: encoding, sheet and header row fixed by the user (default: those
+    set for the command, else detected); the header is the first row holding the columns ``cmap`` names."""
+    frame, layout = read_frame(path, read, header_columns(cmap))
+    return to_records(frame, cmap, path, layout.summary())
 
 
-def load_many(paths: Sequence[str | Path], cmap: ColumnMap) -> RecordSet:
+def load_many(paths: Sequence[str | Path], cmap: ColumnMap, read: ReadOptions | None = None) -> RecordSet:
     """Read several exports (e.g. the original labels and the clerks' feedback export) as one record set."""
-    sets = [load_records(path, cmap) for path in paths]
+    sets = [load_records(path, cmap, read) for path in paths]
     if len(sets) == 1:
         return sets[0]
     frame = pd.concat([s.frame.drop(columns="group") for s in sets], ignore_index=True)
-    report = LoadReport(source=" + ".join(str(p) for p in paths), rows_read=sum(s.report.rows_read for s in sets))
+    report = LoadReport(source=" + ".join(str(p) for p in paths), rows_read=sum(s.report.rows_read for s in sets),
+                        reading="; ".join(f"{p}: {s.report.reading}" for p, s in zip(paths, sets) if s.report.reading))
     report.empty_text_ids = [i for s in sets for i in s.report.empty_text_ids]
+    report.undecodable_ids = [i for s in sets for i in s.report.undecodable_ids]
     report.unparsed_times = sum(s.report.unparsed_times for s in sets)
     return _with_groups(frame, sets[0].targets, report, sets[0].segmented)
 

@@ -37,8 +37,9 @@ import pandas as pd
 import pyarrow as pa
 
 from sanshi_ml.artifacts import atomic_write_bytes
-from sanshi_ml.records import (CSV_SUFFIXES, EXCEL_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES, ColumnMap, RecordError,
-                               canonical_frame, iter_table, resolve_columns)
+from sanshi_ml.records import (CSV_SUFFIXES, EXCEL_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES, ColumnMap, Layout,
+                               ReadOptions, RecordError, canonical_frame, header_columns, inspect, iter_table,
+                               resolve_columns)
 from sanshi_ml.suggest import STATUS_OK, Suggester, text_status
 from sanshi_ml.text import build_unassigned_table, model_input
 
@@ -221,10 +222,16 @@ def model_columns(metadata: dict) -> ColumnMap:
     return ColumnMap.from_config(ColumnsConfig.model_validate(recorded)).without_targets()
 
 
-def check_columns(paths: Sequence[Path], spec: ScoringSpec) -> None:
+def read_layouts(paths: Sequence[Path], spec: ScoringSpec, read: ReadOptions | None = None) -> dict[Path, Layout]:
+    """How each input is read (encoding, delimiter, sheet, header row), decided once per file on a sample."""
+    needed = (*header_columns(spec.columns), *spec.keep_cols)
+    return {path: inspect(path, read, needed) for path in paths}
+
+
+def check_columns(paths: Sequence[Path], spec: ScoringSpec, layouts: dict[Path, Layout] | None = None) -> None:
     """Fail before any work if an input lacks a needed column, naming the file and the column."""
     for path in paths:
-        first = next(iter_table(path, chunk_size=1), None)
+        first = next(iter_table(path, chunk_size=1, layout=(layouts or {}).get(path)), None)
         if first is None:
             continue
         resolve_columns(first, spec.columns, path)
@@ -243,10 +250,14 @@ def _file_fingerprint(path: Path) -> dict:
 
 
 def run_fingerprint(paths: Sequence[Path], model_sha256: str, policy_sha256: str, chunk_size: int,
-                    spec: ScoringSpec) -> dict:
-    """What must be the same for ``--resume`` to continue a run: model, policy, inputs, chunking, columns."""
+                    spec: ScoringSpec, layouts: dict[Path, Layout] | None = None) -> dict:
+    """What must be the same for ``--resume`` to continue a run: model, policy, inputs and how they are read,
+    chunking, columns."""
+    layouts = layouts or read_layouts(paths, spec)
     return {"model_sha256": model_sha256, "policy_sha256": policy_sha256, "chunk_size": chunk_size,
             "inputs": [_file_fingerprint(p) for p in paths],
+            # Another encoding or header row would give other rows: chunk k would no longer be the same records.
+            "reading": [layouts[p].describe() for p in paths],
             "columns": {"text_cols": list(spec.columns.text_cols), "id_col": spec.columns.id_col,
                         "time_col": spec.columns.time_col, "segmented_col": spec.columns.segmented_col},
             "keep_cols": list(spec.keep_cols), "max_text_chars": spec.max_text_chars,
@@ -255,7 +266,8 @@ def run_fingerprint(paths: Sequence[Path], model_sha256: str, policy_sha256: str
 
 def _fingerprint_difference(recorded: dict, current: dict) -> str | None:
     labels = {"model_sha256": "the model", "policy_sha256": "the 三事 policy", "chunk_size": "the chunk size",
-              "inputs": "the input files", "columns": "the column options", "keep_cols": "--keep-cols",
+              "inputs": "the input files", "reading": "how the inputs are read (--encoding, --sheet, --header-row)",
+              "columns": "the column options", "keep_cols": "--keep-cols",
               "max_text_chars": "the text length limit", "prefix_row_ids": "the number of inputs"}
     for key, label in labels.items():
         if recorded.get(key) != current.get(key):
@@ -284,7 +296,7 @@ class Chunk:
         return self.data.to_pandas() if isinstance(self.data, pa.Table) else self.data
 
 
-def _read_chunks(path: Path, chunk_size: int) -> Iterator[pd.DataFrame | pa.Table]:
+def _read_chunks(path: Path, chunk_size: int, layout: Layout | None = None) -> Iterator[pd.DataFrame | pa.Table]:
     if path.suffix.lower() in PARQUET_SUFFIXES:
         import pyarrow.parquet as pq
 
@@ -297,15 +309,15 @@ def _read_chunks(path: Path, chunk_size: int) -> Iterator[pd.DataFrame | pa.Tabl
         except (OSError, pa.ArrowException) as error:
             raise RecordError(f"{path}: cannot be read as parquet: {error}") from error
         return
-    yield from iter_table(path, chunk_size)
+    yield from iter_table(path, chunk_size, layout=layout)
 
 
-def iter_chunks(paths: Sequence[Path], chunk_size: int) -> Iterator[Chunk]:
-    """The run's chunks in order: the same inputs and chunk size always give the same chunks."""
+def iter_chunks(paths: Sequence[Path], chunk_size: int, layouts: dict[Path, Layout] | None = None) -> Iterator[Chunk]:
+    """The run's chunks in order: the same inputs, chunk size and layouts always give the same chunks."""
     index = 0
     for path in paths:
         offset = 0
-        for data in _read_chunks(path, chunk_size):
+        for data in _read_chunks(path, chunk_size, (layouts or {}).get(path)):
             chunk = Chunk(index, path, offset, data)
             yield chunk
             index += 1
@@ -565,12 +577,12 @@ def score(inputs: Sequence[str | Path], model_dir: str | Path, out: str | Path, 
           chunk_size: int = 10_000, jobs: int = 0, resume: bool = False, dask: str | None = None,
           keep_cols: Sequence[str] = (), max_text_chars: int = 20_000, policy_path: str | None = None,
           overwrite: bool = False, progress: bool = True, keep_parts: bool = False,
-          say: Callable[[str], None] | None = None) -> ScoreResult:
+          read: ReadOptions | None = None, say: Callable[[str], None] | None = None) -> ScoreResult:
     """Score archives into one Parquet or CSV file (or, with ``dask``, a Parquet directory written by a cluster).
 
     ``columns``: how the inputs' columns map onto the record schema; None uses the column map recorded with the
     model. ``jobs``: worker processes (0 = every core). ``resume``: finish an interrupted run of the same inputs,
-    model and options.
+    model and options. ``read``: encoding, sheet and header row fixed by the user (default: detected per file).
     """
     say = say or log.info
     if chunk_size < 1:
@@ -582,14 +594,18 @@ def score(inputs: Sequence[str | Path], model_dir: str | Path, out: str | Path, 
     loaded = load_model(model_dir)  # integrity-checked before anything else happens
     spec = ScoringSpec(columns=columns or model_columns(loaded.metadata), max_text_chars=max_text_chars,
                        keep_cols=tuple(keep_cols), prefix_row_ids=len(paths) > 1)
-    check_columns(paths, spec)
+    layouts = read_layouts(paths, spec, read)
+    for path, layout in layouts.items():
+        if layout.summary():
+            say(f"{path}: {layout.summary()}")
+    check_columns(paths, spec, layouts)
     suggester = Suggester.from_loaded(loaded, policy_path)
     _check_keep_cols(suggester, spec.keep_cols)
     if dask:
         if resume:
             raise ScoringError("--resume is for local runs; with --dask a failed partition is retried by Dask and "
                                "an interrupted run is started again (--overwrite)")
-        return score_dask(paths, loaded, suggester, spec, out, dask, overwrite=overwrite, say=say)
+        return score_dask(paths, loaded, suggester, spec, out, dask, overwrite=overwrite, say=say, layouts=layouts)
 
     fmt = output_format(out)
     if out.exists() and out.is_dir():
@@ -597,7 +613,7 @@ def score(inputs: Sequence[str | Path], model_dir: str | Path, out: str | Path, 
     schema = output_schema(suggester, spec.keep_cols)
     parts_dir = parts_dir_for(out)
     fingerprint = run_fingerprint(paths, loaded.metadata["artifact"]["sha256"], suggester.policy.sha256,
-                                  chunk_size, spec)
+                                  chunk_size, spec, layouts)
     _prepare_parts_dir(parts_dir, fingerprint, resume, overwrite)
     n_jobs = resolve_jobs(jobs)
     started = time.perf_counter()
@@ -621,7 +637,7 @@ def score(inputs: Sequence[str | Path], model_dir: str | Path, out: str | Path, 
                 bar.update(marker["rows"])
 
         bar = _progress_bar(total, exact, 0, progress)
-        for chunk in iter_chunks(paths, chunk_size):
+        for chunk in iter_chunks(paths, chunk_size, layouts):
             n_chunks += 1
             marker = read_marker(parts_dir, chunk.index) if resume else None
             if marker is not None and marker["rows"] == len(chunk):
@@ -765,17 +781,21 @@ def _score_partition(frame: pd.DataFrame, bundle: ModelBundle, spec: ScoringSpec
     return score_chunk(frame, _bundle_suggester(bundle), spec, source, offset)
 
 
-def _dask_frame(path: Path):
+def _dask_frame(path: Path, layout: Layout | None = None):
     import dask.dataframe as dd
 
     suffix = path.suffix.lower()
     if suffix in PARQUET_SUFFIXES:
         return dd.read_parquet(str(path), split_row_groups=True)
     if suffix in CSV_SUFFIXES:
-        from sanshi_ml.records import _csv_kwargs
+        from sanshi_ml.readers import read_table
 
-        # One partition per CSV file: a block boundary could fall inside a quoted cell that spans lines.
-        return dd.read_csv(str(path), blocksize=None, **_csv_kwargs(path))
+        layout = layout or inspect(path)
+        # One partition per CSV file (a block boundary could fall inside a quoted cell that spans lines), read on
+        # the worker by the same reader as a local run, with the layout decided here: encoding, delimiter, header
+        # row, and the check that the file decodes.
+        meta = next(iter_table(path, chunk_size=1, layout=layout)).iloc[:0]
+        return dd.from_map(read_table, [str(path)], layout=layout, meta=meta)
     raise ScoringError(f"{path}: --dask reads Parquet or CSV; convert {suffix} files first")
 
 
@@ -799,7 +819,8 @@ def connect(scheduler: str):
 
 
 def score_dask(paths: Sequence[Path], loaded, suggester: Suggester, spec: ScoringSpec, out: Path, scheduler: str,
-               overwrite: bool = False, say: Callable[[str], None] | None = None) -> ScoreResult:
+               overwrite: bool = False, say: Callable[[str], None] | None = None,
+               layouts: dict[Path, Layout] | None = None) -> ScoreResult:
     """Score with Dask: ``dask.dataframe`` over the inputs, :func:`score_chunk` per partition, Parquet out.
 
     The model file's bytes go to every worker once (``client.scatter(..., broadcast=True)``); each worker process
@@ -814,7 +835,7 @@ def score_dask(paths: Sequence[Path], loaded, suggester: Suggester, spec: Scorin
     if out.exists() and not overwrite:
         raise ScoringError(f"{out} exists; pass --overwrite to replace it")
     started = time.perf_counter()
-    frames = [_dask_frame(path) for path in paths]
+    frames = [_dask_frame(path, (layouts or {}).get(path)) for path in paths]
     places: list[tuple[str, int]] = []
     for path, frame in zip(paths, frames):
         if spec.columns.id_col or resolve_columns(frame._meta, spec.columns, path).id_col:

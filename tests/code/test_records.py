@@ -133,8 +133,10 @@ def test_several_exports_load_as_one_and_the_hash_tracks_content(tmp_path):
     assert load_records(a, CMAP).content_hash() != both.content_hash()
 
 
-def test_undecodable_bytes_do_not_sink_the_file(tmp_path):
+def test_undecodable_bytes_do_not_sink_the_file_but_their_row_is_never_learned(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_bytes("主题,内容,类别,三事分类\n路灯,不亮了,城乡建设,公事\n".encode() + b"\xff\xfe,bad,x,y\n")
     records = load_records(path, CMAP)
-    assert len(records) == 2
+    assert records.frame["text"].tolist() == ["不亮了"]
+    assert records.report.undecodable_ids == ["row2"] and records.report.rows_kept == 1
+    assert any("skipped 1 rows whose text or labels hold undecodable bytes" in line for line in records.report.lines())
