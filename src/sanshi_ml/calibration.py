@@ -189,6 +189,33 @@ class _DecisionValues(ClassifierMixin, BaseEstimator):
         return self.classes_[decision.argmax(axis=1)]
 
 
+def out_of_fold_decisions(fold_base, X, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]],
+                          n_jobs: int | None) -> np.ndarray:
+    """Each row's decision values from a clone of ``fold_base`` trained on the other folds (rows x labels; one
+    column for two labels, as LinearSVC's)."""
+    decision = cross_val_predict(fold_base, X, y, cv=folds, method="decision_function", n_jobs=n_jobs)
+    return decision[:, None] if decision.ndim == 1 else decision
+
+
+def fit_calibrators(decision: np.ndarray, y: np.ndarray, method: str) -> CalibratedClassifierCV:
+    """Per-label calibrators (``method``: sigmoid, isotonic or temperature) fitted on out-of-fold decision values.
+
+    The result's ``predict_proba`` reads decision values, until :func:`attach_final` gives it the final model.
+    """
+    classes = np.unique(y)
+    # A frozen estimator is never refitted, so CalibratedClassifierCV's own folds only cut the rows it reads the
+    # (already out-of-fold) decision values from; two folds need just two rows per label.
+    calibrated = CalibratedClassifierCV(FrozenEstimator(_DecisionValues(classes).fit(decision)), method=method, cv=2)
+    return calibrated.fit(decision, y)
+
+
+def attach_final(calibrated: CalibratedClassifierCV, final) -> CalibratedClassifierCV:
+    """From here on the calibrators read ``final``'s decision values: the model trained on every row."""
+    calibrated.calibrated_classifiers_[0].estimator = final
+    calibrated.estimator = final
+    return calibrated
+
+
 def cross_fitted_classifier(base, fold_base, X, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]],
                             method: str, n_jobs: int | None) -> tuple[CalibratedClassifierCV, np.ndarray]:
     """``base`` trained on every row and calibrated (``method``) on out-of-fold decision values of ``fold_base``,
@@ -201,17 +228,7 @@ def cross_fitted_classifier(base, fold_base, X, y: np.ndarray, folds: list[tuple
     have the scale of the final model's. The folds should keep repeated texts together, so that no row is
     predicted by a model that saw its twin. Every label needs at least two rows.
     """
-    decision = cross_val_predict(fold_base, X, y, cv=folds, method="decision_function", n_jobs=n_jobs)
-    if decision.ndim == 1:
-        decision = decision[:, None]
-    classes = np.unique(y)
-    # A frozen estimator is never refitted, so CalibratedClassifierCV's own folds only cut the rows it reads the
-    # (already out-of-fold) decision values from; two folds need just two rows per label.
-    calibrated = CalibratedClassifierCV(FrozenEstimator(_DecisionValues(classes).fit(decision)), method=method, cv=2)
-    calibrated.fit(decision, y)
+    decision = out_of_fold_decisions(fold_base, X, y, folds, n_jobs)
+    calibrated = fit_calibrators(decision, y, method)
     out_of_fold = calibrated.predict_proba(decision)
-    final = clone(base).fit(X, y)
-    # The calibrators are fitted; from here on they read the final model's decision values.
-    calibrated.calibrated_classifiers_[0].estimator = final
-    calibrated.estimator = final
-    return calibrated, out_of_fold
+    return attach_final(calibrated, clone(base).fit(X, y)), out_of_fold

@@ -131,11 +131,11 @@ def conformal_metrics(y_true: np.ndarray, pred: TargetPredictions) -> dict | Non
 
 
 def target_metrics(y_true: np.ndarray, pred: TargetPredictions, n_bins: int = 10,
-                   uncalibrated_proba: np.ndarray | None = None) -> dict:
+                   uncalibrated: TargetPredictions | None = None) -> dict:
     """Everything metrics.json holds for one target.
 
-    ``uncalibrated_proba``: the same rows' probabilities before calibration (softmax of the LinearSVC's decision
-    values), for ``ece_uncalibrated`` and the "before" curve of the reliability diagram.
+    ``uncalibrated``: the same rows' predictions before calibration (softmax of the LinearSVC's decision values),
+    for ``ece_uncalibrated`` and the "before" curve of the reliability diagram.
     """
     y_true = np.asarray(y_true, dtype=object).astype(str)
     y_pred = pred.labels.astype(str)
@@ -146,12 +146,11 @@ def target_metrics(y_true: np.ndarray, pred: TargetPredictions, n_bins: int = 10
                                                                      zero_division=0)
     accepted = ~pred.needs_review
     unseen = sorted(set(y_true) - set(pred.classes))
-    uncalibrated = {}
-    if uncalibrated_proba is not None:
-        raw = TargetPredictions(pred.classes, uncalibrated_proba, pred.threshold)
-        raw_correct = y_true == raw.labels.astype(str)
-        uncalibrated = {"ece_uncalibrated": expected_calibration_error(raw.confidence, raw_correct, n_bins),
-                        "reliability_uncalibrated": reliability_table(raw.confidence, raw_correct, n_bins)}
+    before = {}
+    if uncalibrated is not None:
+        raw_correct = y_true == uncalibrated.labels.astype(str)
+        before = {"ece_uncalibrated": expected_calibration_error(uncalibrated.confidence, raw_correct, n_bins),
+                  "reliability_uncalibrated": reliability_table(uncalibrated.confidence, raw_correct, n_bins)}
     return {
         "n": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
@@ -166,7 +165,7 @@ def target_metrics(y_true: np.ndarray, pred: TargetPredictions, n_bins: int = 10
                               "support": int(s)} for label, p, r, f, s in zip(labels, precision, recall, f1, support)},
         "labels_unknown_to_model": unseen,
         "reliability": reliability_table(confidence, correct, n_bins),
-        **uncalibrated,
+        **before,
         **selective_metrics(confidence, correct),
         "conformal": conformal_metrics(y_true, pred),
         "coverage_curve": coverage_curve(confidence, correct),
@@ -200,17 +199,22 @@ def slice_metrics(records: RecordSet, target: str, pred: TargetPredictions) -> d
 
 def evaluate_model(model: TriageModel, records: RecordSet, n_bins: int = 10,
                    predictions: dict[str, TargetPredictions] | None = None,
-                   features: sp.csr_matrix | None = None) -> dict:
+                   features: sp.csr_matrix | None = None,
+                   uncalibrated: dict[str, TargetPredictions] | None = None) -> dict:
     """Metrics for every target the model and the records share, on the rows that carry that label.
 
-    ``features`` (the records' feature matrix, if the caller has it) saves transforming the texts again; it gives
-    the uncalibrated probabilities behind ``ece_uncalibrated`` and, if ``predictions`` is not given, the predictions.
+    ``predictions`` and ``uncalibrated`` (the predictions before calibration) may come from elsewhere, such as the
+    out-of-fold estimate; whatever is missing, the model computes. ``features`` (the records' feature matrix, if
+    the caller has it) saves transforming the texts again.
     """
-    if features is None:
-        features = model.record_features(records)
-    if predictions is None:
-        predictions = model.predict_features(features)
-    uncalibrated = model.uncalibrated_proba(features)
+    if predictions is None or uncalibrated is None:
+        if features is None:
+            features = model.record_features(records)
+        if predictions is None:
+            predictions = model.predict_features(features)
+        if uncalibrated is None:
+            uncalibrated = {name: TargetPredictions(model.heads[name].classes, proba, model.heads[name].threshold)
+                            for name, proba in model.uncalibrated_proba(features).items()}
     out = {}
     for target in model.targets:
         if target not in records.frame:
@@ -220,7 +224,7 @@ def evaluate_model(model: TriageModel, records: RecordSet, n_bins: int = 10,
         if not has.any():
             continue
         sub_pred = predictions[target].rows(has)
-        metrics = target_metrics(labels[has], sub_pred, n_bins, uncalibrated[target][has])
+        metrics = target_metrics(labels[has], sub_pred, n_bins, uncalibrated[target].rows(has))
         metrics["slices"] = slice_metrics(subset(records, np.flatnonzero(has)), target, sub_pred)
         out[target] = metrics
     return out

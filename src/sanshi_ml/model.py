@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 from scipy.special import softmax
+from sklearn.base import clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.linear_model._base import LinearClassifierMixin
@@ -30,10 +31,12 @@ from sanshi_ml.calibration import (
     ConfidenceMap,
     ConformalSets,
     apply_temperature,
+    attach_final,
     choose_threshold,
-    cross_fitted_classifier,
+    fit_calibrators,
     fit_temperature,
     label_columns,
+    out_of_fold_decisions,
 )
 from sanshi_ml.config import FeaturesConfig, TextConfig, TrainConfig
 from sanshi_ml.decoding import LinkedTargets
@@ -61,6 +64,20 @@ class TargetPredictions:
     chosen: np.ndarray | None = None  # label index per row from joint decoding; None: each row's best score
     weights: np.ndarray | None = None  # the head's prior correction per label (None: the plain argmax)
     confidence_map: ConfidenceMap | None = None  # the head's top-label calibration (None: the probability itself)
+    # Set when the rows were predicted by different fitted chains (the out-of-fold estimate): each row's confidence,
+    # prediction set and review threshold as its own chain gave them.
+    row_confidence: np.ndarray | None = None
+    row_plausible: np.ndarray | None = None
+    row_thresholds: np.ndarray | None = None
+
+    @classmethod
+    def gathered(cls, classes: list[str], proba: np.ndarray, index: np.ndarray, confidence: np.ndarray,
+                 thresholds: np.ndarray, plausible: np.ndarray | None, threshold: float,
+                 conformal: ConformalSets | None) -> TargetPredictions:
+        """Predictions whose rows were made by different fitted chains, each row's outcome given as it was made;
+        ``threshold`` and ``conformal`` describe the shipped head (what a report names)."""
+        return cls(classes, proba, threshold, conformal, chosen=np.asarray(index), row_confidence=confidence,
+                   row_plausible=plausible, row_thresholds=thresholds)
 
     @property
     def scores(self) -> np.ndarray:
@@ -86,12 +103,14 @@ class TargetPredictions:
     @property
     def confidence(self) -> np.ndarray:
         """The chance that the chosen label is right: its probability through the head's top-label calibration."""
+        if self.row_confidence is not None:
+            return self.row_confidence
         chosen = self.chosen_proba
         return chosen if self.confidence_map is None else self.confidence_map(chosen)
 
     @property
     def needs_review(self) -> np.ndarray:
-        return self.confidence < self.threshold
+        return self.confidence < (self.threshold if self.row_thresholds is None else self.row_thresholds)
 
     def top_k(self, row: int, k: int) -> list[tuple[str, float]]:
         order = np.argsort(-self.proba[row])[:k]
@@ -100,6 +119,8 @@ class TargetPredictions:
     @property
     def plausible(self) -> np.ndarray | None:
         """The conformal prediction sets as a rows × labels boolean matrix; None for a model without them."""
+        if self.row_plausible is not None:
+            return self.row_plausible
         return None if self.conformal is None else self.conformal.mask(self.proba)
 
     @property
@@ -118,9 +139,12 @@ class TargetPredictions:
 
     def rows(self, index: np.ndarray) -> TargetPredictions:
         """The predictions of some rows (a boolean mask or positions)."""
-        return TargetPredictions(self.classes, self.proba[index], self.threshold, self.conformal,
-                                 None if self.chosen is None else self.chosen[index], self.weights,
-                                 self.confidence_map)
+        def part(values: np.ndarray | None) -> np.ndarray | None:
+            return None if values is None else values[index]
+
+        return TargetPredictions(self.classes, self.proba[index], self.threshold, self.conformal, part(self.chosen),
+                                 self.weights, self.confidence_map, part(self.row_confidence),
+                                 part(self.row_plausible), part(self.row_thresholds))
 
 
 @dataclass
@@ -398,6 +422,93 @@ def _cross_fit_folds(groups: np.ndarray, y: np.ndarray, k: int) -> list[tuple[np
     return list(StratifiedKFold(n_splits=k, shuffle=True, random_state=0).split(np.zeros(len(y)), y))
 
 
+@dataclass
+class CrossFitRows:
+    """What cross-fitting saw of one target, kept after ``fit`` (never pickled) for the out-of-fold estimate."""
+
+    trained: np.ndarray  # which records the head trained on (a label it could learn)
+    labels: np.ndarray  # those rows' labels, as strings
+    decision: np.ndarray  # every record's decision values from a model that did not train on it
+
+
+def calibrated_head(name: str, decision: np.ndarray, y: np.ndarray, cfg: TrainConfig) -> tuple[TargetHead, np.ndarray]:
+    """A head's calibration chain fitted on out-of-fold decision values of its training rows (per-label
+    calibrators, temperature, prior correction, prediction sets), and those rows' probabilities after it.
+
+    The head's classifier reads decision values until the final model is attached; its review threshold and
+    confidence map come later, from :func:`fit_review`.
+    """
+    calibrators = fit_calibrators(decision, y, cfg.calibration)
+    classes = calibrators.classes_
+    proba = calibrators.predict_proba(decision)
+    true_column = label_columns(classes, y)
+    temperature = fit_temperature(proba, true_column) if cfg.recalibrate == "temperature" else 1.0
+    proba = apply_temperature(proba, temperature)
+    tau, oof_f1 = choose_prior_correction(proba, classes, y, y,
+                                          cfg.prior_correction_by_target.get(name, cfg.prior_correction))
+    conformal = ConformalSets.fit(proba[np.arange(len(y)), true_column], cfg.conformal_level)
+    head = TargetHead(name=name, classes=[str(c) for c in classes], classifier=calibrators, threshold=NEVER_ACCEPT,
+                      threshold_info={"prior_correction_tau": tau, "holdout_macro_f1": oof_f1}, n_train=int(len(y)),
+                      conformal=conformal, temperature=temperature,
+                      decision_weights=prior_weights(classes, y, tau) if tau else None)
+    return head, proba
+
+
+def link_targets(heads: dict[str, TargetHead], frame, pairs: Sequence[tuple[str, str]]) -> list[LinkedTargets]:
+    """The configured target pairs that both have heads, with the label pairs seen together in ``frame``'s rows."""
+    links = []
+    for first, second in pairs:
+        if first not in heads or second not in heads:
+            continue
+        both = frame[first].notna().to_numpy() & frame[second].notna().to_numpy()
+        seen = set(zip(frame[first].to_numpy()[both].astype(str), frame[second].to_numpy()[both].astype(str)))
+        links.append(LinkedTargets.from_pairs(first, second, heads[first].classes, heads[second].classes, seen))
+    return links
+
+
+def decode(heads: dict[str, TargetHead], links: Sequence[LinkedTargets],
+           probas: dict[str, np.ndarray]) -> dict[str, TargetPredictions]:
+    """Each head's predictions from its (recalibrated) probabilities, linked targets decoded jointly."""
+    predictions = {name: TargetPredictions(head.classes, probas[name], head.threshold, head.conformal,
+                                           weights=head.decision_weights, confidence_map=head.confidence_map)
+                   for name, head in heads.items()}
+    for link in links:
+        first, second = predictions[link.first], predictions[link.second]
+        first.chosen, second.chosen = link.decode(first.scores, second.scores)
+    return predictions
+
+
+def fit_review(heads: dict[str, TargetHead], links: Sequence[LinkedTargets], probas: dict[str, np.ndarray],
+               rows: dict[str, CrossFitRows], cfg: TrainConfig) -> None:
+    """Each head's top-label calibration and review threshold, fitted on the rows it trained on (``rows[name]``),
+    from their out-of-fold probabilities (``probas``, one row per record) decoded the way prediction decodes them
+    (prior correction, joint decoding of linked targets)."""
+    predictions = decode(heads, links, probas)
+    for link in links:  # rows without both targets' labels keep their own choices
+        both = rows[link.first].trained & rows[link.second].trained
+        for name in (link.first, link.second):
+            pred = predictions[name]
+            pred.chosen = np.where(both, pred.chosen, pred.scores.argmax(axis=1))
+    for name, head in heads.items():
+        trained = rows[name].trained
+        pred = predictions[name].rows(trained)
+        correct = pred.labels == rows[name].labels
+        if cfg.confidence_calibration == "isotonic":
+            head.confidence_map = ConfidenceMap.fit(pred.chosen_proba, correct)
+            pred.confidence_map = head.confidence_map
+        goal = cfg.target_accuracy_by_target.get(name, cfg.target_accuracy)
+        info = choose_threshold(pred.confidence, correct, goal)
+        head.threshold = info["threshold"]
+        head.threshold_info.update(info, target_accuracy=goal)
+
+
+def _spread(proba: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Probabilities of some records spread over all of them; the others get the uniform distribution."""
+    full = np.full((len(rows), proba.shape[1]), 1.0 / proba.shape[1])
+    full[rows] = proba
+    return full
+
+
 class TriageModel:
     """Normalise → segment → TF-IDF → one calibrated linear classifier per target."""
 
@@ -415,6 +526,7 @@ class TriageModel:
         self.word_names: np.ndarray | None = None
         self.links: list[LinkedTargets] = []
         self._weights: dict[str, np.ndarray] = {}
+        self.cross_fit_: dict[str, CrossFitRows] | None = None  # set by fit, for the out-of-fold estimate
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -422,6 +534,7 @@ class TriageModel:
         state.pop("_fast", None)  # the fast transforms are rebuilt from the vectorisers on first use
         state.pop("_fast_title", None)
         state.pop("_stacked", None)  # so are the stacked coefficients (the heads' own coef_ are views into them)
+        state.pop("cross_fit_", None)  # the training rows' out-of-fold evidence belongs to the run that fitted it
         # Configs are stored as plain dicts: a pydantic model pickles its set of assigned fields, whose order varies
         # with string hashing, so the same model would get a different artifact sha256 on every run.
         for name in _CONFIG_FIELDS:
@@ -441,6 +554,7 @@ class TriageModel:
         for name in _VECTORIZER_FIELDS:
             state[name] = _with_vocabularies(state.get(name), _PackedStrings.unpack)
         state.setdefault("links", [])  # models trained before joint decoding
+        state["cross_fit_"] = None
         if isinstance(state.get("word_names"), _PackedStrings):
             state["word_names"] = np.asarray(_PackedStrings.unpack(state["word_names"]), dtype=object)
         self.__dict__.update(state)
@@ -585,14 +699,16 @@ class TriageModel:
             self.segmenter = Segmenter(self.text_config.backend, self.text_config.user_dict,
                                        self.text_config.stopwords, keep_only=vocabulary)
         groups = records.frame["group"].to_numpy()
-        out_of_fold = {}
+        cross_fit, probas = {}, {}
         for target in records.targets:
             t0 = time.perf_counter()
-            self.heads[target], out_of_fold[target] = self._fit_target(
+            self.heads[target], cross_fit[target], proba = self._fit_target(
                 target, X, records.labels(target), records.has_label(target), groups)
+            probas[target] = _spread(proba, cross_fit[target].trained)
             say(f"target {target}: {len(self.heads[target].classes)} labels, {time.perf_counter() - t0:.1f}s")
-        self.links = self._link_targets(records)
-        self._fit_review(out_of_fold, records)
+        self.links = link_targets(self.heads, records.frame, self.train_config.linked_targets)
+        fit_review(self.heads, self.links, probas, cross_fit, self.train_config)
+        self.cross_fit_ = cross_fit
         for name, head in self.heads.items():
             say(f"target {name}: review threshold {head.threshold:.3f} (out-of-fold coverage "
                 f"{head.threshold_info.get('holdout_coverage', 0):.0%})")
@@ -611,22 +727,10 @@ class TriageModel:
         self.title_vectorizer = build_vectorizer(self.features_config)
         return self._stack_title_block(X, self.title_vectorizer.fit_transform(title_tokens))
 
-    def _link_targets(self, records: RecordSet) -> list[LinkedTargets]:
-        """The configured target pairs the data has, with the label pairs seen together in training."""
-        links = []
-        for first, second in self.train_config.linked_targets:
-            if first not in self.heads or second not in self.heads:
-                continue
-            both = records.has_label(first) & records.has_label(second)
-            pairs = set(zip(records.labels(first)[both].astype(str), records.labels(second)[both].astype(str)))
-            links.append(LinkedTargets.from_pairs(first, second, self.heads[first].classes,
-                                                  self.heads[second].classes, pairs))
-        return links
-
     def _fit_target(self, target: str, X: sp.csr_matrix, labels: np.ndarray, has_label: np.ndarray,
-                    groups: np.ndarray) -> tuple[TargetHead, tuple[np.ndarray, np.ndarray]]:
-        """One target's head, and its out-of-fold probabilities with the training rows they belong to (a mask);
-        the review threshold is chosen later, by :meth:`_fit_review`, once the targets can be decoded jointly."""
+                    groups: np.ndarray) -> tuple[TargetHead, CrossFitRows, np.ndarray]:
+        """One target's head, what cross-fitting saw of it, and its training rows' out-of-fold probabilities; the
+        review threshold is chosen later, by :func:`fit_review`, once the targets can be decoded jointly."""
         cfg = self.train_config
         y = labels[has_label].astype(str)
         values, counts = np.unique(y, return_counts=True)
@@ -643,50 +747,19 @@ class TriageModel:
         X_t = X[keep]
         folds = _cross_fit_folds(groups[keep], y, cfg.calibration_cv)
         n_fold_rows = float(np.mean([len(train) for train, _ in folds]))
-        classifier, proba = cross_fitted_classifier(
-            _base_classifier(cfg, n_rows=len(y)), _fold_classifier(cfg, len(y), n_fold_rows), X_t, y, folds,
-            method=cfg.calibration, n_jobs=cfg.n_jobs)
-        classes = classifier.classes_
-        true_column = label_columns(classes, y)
-        temperature = fit_temperature(proba, true_column) if cfg.recalibrate == "temperature" else 1.0
-        proba = apply_temperature(proba, temperature)
-        tau, oof_f1 = choose_prior_correction(proba, classes, y, y,
-                                              cfg.prior_correction_by_target.get(target, cfg.prior_correction))
-        conformal = ConformalSets.fit(proba[np.arange(len(y)), true_column], cfg.conformal_level)
-        info = {"prior_correction_tau": tau, "holdout_macro_f1": oof_f1, "cross_fit_folds": len(folds)}
-        head = TargetHead(name=target, classes=[str(c) for c in classes], classifier=classifier,
-                          threshold=NEVER_ACCEPT, threshold_info=info, excluded_labels=too_rare, n_train=int(len(y)),
-                          conformal=conformal, temperature=temperature,
-                          decision_weights=prior_weights(classes, y, tau) if tau else None)
-        return head, (keep, proba)
-
-    def _fit_review(self, out_of_fold: dict[str, tuple[np.ndarray, np.ndarray]], records: RecordSet) -> None:
-        """Each head's top-label calibration and review threshold, from its out-of-fold predictions decoded the way
-        :meth:`predict_features` decodes (prior correction, joint decoding of linked targets)."""
-        cfg = self.train_config
-        n = len(records)
-        probas = {}
-        for name, (rows, proba) in out_of_fold.items():
-            full = np.full((n, proba.shape[1]), 1.0 / proba.shape[1])
-            full[rows] = proba
-            probas[name] = full
-        predictions = self._decode(probas)
-        for link in self.links:  # rows without both targets' labels keep their own choices
-            both = out_of_fold[link.first][0] & out_of_fold[link.second][0]
-            for name in (link.first, link.second):
-                pred = predictions[name]
-                pred.chosen = np.where(both, pred.chosen, pred.scores.argmax(axis=1))
-        for name, head in self.heads.items():
-            rows = out_of_fold[name][0]
-            pred = predictions[name].rows(rows)
-            correct = pred.labels == records.labels(name)[rows].astype(str)
-            if cfg.confidence_calibration == "isotonic":
-                head.confidence_map = ConfidenceMap.fit(pred.chosen_proba, correct)
-                pred.confidence_map = head.confidence_map
-            goal = cfg.target_accuracy_by_target.get(name, cfg.target_accuracy)
-            info = choose_threshold(pred.confidence, correct, goal)
-            head.threshold = info["threshold"]
-            head.threshold_info.update(info, target_accuracy=goal)
+        decision = out_of_fold_decisions(_fold_classifier(cfg, len(y), n_fold_rows), X_t, y, folds, cfg.n_jobs)
+        head, proba = calibrated_head(target, decision, y, cfg)
+        final = attach_final(head.classifier, clone(_base_classifier(cfg, n_rows=len(y))).fit(X_t, y)).estimator
+        head.excluded_labels = too_rare
+        head.threshold_info["cross_fit_folds"] = len(folds)
+        # Every record's decision values from a model that did not train on it: out of fold for the training rows,
+        # the final model's for rows it never trained on (no label, or one too rare to learn).
+        every = np.empty((X.shape[0], decision.shape[1]))
+        every[keep] = decision
+        if (~keep).any():
+            rest = final.decision_function(X[~keep])
+            every[~keep] = rest[:, None] if rest.ndim == 1 else rest
+        return head, CrossFitRows(trained=keep, labels=y, decision=every), proba
 
     # ---------------------------------------------------------------------------------------------------- prediction
 
@@ -703,17 +776,8 @@ class TriageModel:
             probas = stacked.predict_proba(X)
         else:
             probas = {name: head.classifier.predict_proba(X) for name, head in self.heads.items()}
-        return self._decode({name: head.recalibrated(probas[name]) for name, head in self.heads.items()})
-
-    def _decode(self, probas: dict[str, np.ndarray]) -> dict[str, TargetPredictions]:
-        """Each head's predictions from its (recalibrated) probabilities, linked targets decoded jointly."""
-        predictions = {name: TargetPredictions(head.classes, probas[name], head.threshold, head.conformal,
-                                               weights=head.decision_weights, confidence_map=head.confidence_map)
-                       for name, head in self.heads.items()}
-        for link in self.links:
-            first, second = predictions[link.first], predictions[link.second]
-            first.chosen, second.chosen = link.decode(first.scores, second.scores)
-        return predictions
+        return decode(self.heads, self.links,
+                      {name: head.recalibrated(probas[name]) for name, head in self.heads.items()})
 
     def uncalibrated_proba(self, X: sp.csr_matrix) -> dict[str, np.ndarray]:
         """Per target, the probabilities before calibration (see :meth:`TargetHead.uncalibrated_proba`)."""

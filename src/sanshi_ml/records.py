@@ -127,6 +127,11 @@ class RecordSet:
         """Which rows carry a label for ``target`` (loading turns empty cells into None)."""
         return self.frame[target].notna().to_numpy()
 
+    def contents(self) -> pd.Series:
+        """What identifies a record's text: the segmented column, else title and text joined. Rows with equal
+        contents are repeats of one text (see :func:`duplicate_groups`)."""
+        return content_of(self.frame, self.segmented)
+
     def content_hash(self) -> str:
         """sha256 over texts and labels, in row order: identifies the training data in metadata and MLflow."""
         digest = hashlib.sha256()
@@ -244,10 +249,14 @@ def _holds_undecodable(canon: pd.DataFrame, columns: list[str]) -> pd.Series:
     return found
 
 
+def content_of(frame: pd.DataFrame, segmented: bool) -> pd.Series:
+    """A canonical frame's record contents (see :meth:`RecordSet.contents`)."""
+    return frame["segmented"] if segmented else frame["title"].str.cat(frame["text"], sep="\n").str.strip()
+
+
 def _with_groups(frame: pd.DataFrame, targets: list[str], report: LoadReport, segmented: bool) -> RecordSet:
     """Number the duplicate groups, count repeats and missing labels, and log the report."""
-    content = frame["segmented"] if segmented else frame["title"].str.cat(frame["text"], sep="\n").str.strip()
-    frame["group"] = duplicate_groups(content)
+    frame["group"] = duplicate_groups(content_of(frame, segmented))
     repeated = frame["group"].duplicated(keep="first")
     report.duplicate_rows = int(repeated.sum())
     report.duplicate_groups = int(frame.loc[repeated, "group"].nunique())
