@@ -225,6 +225,8 @@ def model_info(suggester, metadata: dict, model_dir: Path, settings: Settings) -
         "git_commit": metadata.get("git_commit"),
         "data_sha256": (metadata.get("data") or {}).get("sha256"),
         "n_train": (metadata.get("data") or {}).get("n_train"),
+        # where the targets' metrics come from: out_of_fold for every model trained on all its rows
+        "metrics_source": metadata.get("metrics_source") or ("held_out_split" if metrics else None),
         "targets": targets,
         "sanshi_target": suggester.sanshi_target,
         "sanshi_classes": {label: suggester.sanshi_fields(label) for label in policy.classes},

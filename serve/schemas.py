@@ -362,6 +362,9 @@ class ModelInfo(_Out):
     git_commit: str | None
     data_sha256: str | None
     n_train: int | None
+    metrics_source: str | None = Field(description="where the targets' metrics come from: out_of_fold (the saved "
+                                                   "model's out-of-fold estimate), or held_out_split for a model "
+                                                   "saved before models trained on every row")
     targets: dict[str, TargetInfo]
     sanshi_target: str | None
     sanshi_classes: dict[str, SanshiInfo]

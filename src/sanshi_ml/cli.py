@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextvars
 import json
 import logging
 import sys
@@ -72,9 +71,7 @@ def friendly_errors(func: Callable) -> Callable:
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            # In a copy of the context: what the command sets there (the read options build_params sets) ends
-            # with it, also when commands run one after another in one process (tests, notebooks).
-            return contextvars.copy_context().run(func, *args, **kwargs)
+            return func(*args, **kwargs)
         except _known_errors() as error:
             typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
             raise typer.Exit(code=2) from None
@@ -104,13 +101,8 @@ def build_params(params_file: Path | None, text_cols: str | None = None, segment
                  targets: list[str] | None = None, id_col: str | None = None, time_col: str | None = None,
                  encoding: str | None = None, sheet: str | None = None, header_row: int | None = None,
                  **dotted: Any) -> Params:
-    """params.yaml with command-line options laid over it.
-
-    Its ``data.encoding``, ``data.sheet`` and ``data.header_row`` become how every file is read for the rest of the
-    command (:func:`sanshi_ml.readers.set_read_options`; :func:`friendly_errors` ends them with the command).
-    """
-    from sanshi_ml.readers import ReadOptions, set_read_options
-
+    """params.yaml with command-line options laid over it (``data.encoding``, ``data.sheet`` and ``data.header_row``
+    say how the command's files are read)."""
     params = load_params(params_file)
     overrides: dict[str, Any] = {f"data.columns.{k}": v for k, v in {
         "id_col": id_col, "time_col": time_col, "segmented_col": segmented_col,
@@ -131,7 +123,6 @@ def build_params(params_file: Path | None, text_cols: str | None = None, segment
     params = with_overrides(params, overrides)
     if params.split.stratify_target not in (None, *params.data.columns.targets):
         params.split.stratify_target = None  # stratify on the first target of this export
-    set_read_options(ReadOptions.from_config(params.data))
     return params
 
 
@@ -149,8 +140,11 @@ def train(
     text_cols: TextColsOpt = None, segmented_col: SegmentedOpt = None, target: TargetOpt = None,
     id_col: IdOpt = None, time_col: TimeOpt = None, model_dir: ModelDirOpt = None, params_file: ParamsOpt = None,
     encoding: EncodingOpt = None, sheet: SheetOpt = None, header_row: HeaderRowOpt = None,
-    test_size: Annotated[float | None, typer.Option(help="held-out share")] = None,
-    seed: Annotated[int | None, typer.Option(help="split seed")] = None,
+    holdout: Annotated[float | None, typer.Option(
+        min=0, max=0.9, help="share of rows to set aside first and measure a model fitted without them on; the saved "
+                             "model is then refitted on all rows (default split.holdout, 0: none)")] = None,
+    test_size: Annotated[float | None, typer.Option(hidden=True, help="renamed --holdout")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of the holdout split")] = None,
     target_accuracy: Annotated[float | None, typer.Option(
         help="accuracy that predictions accepted without review must reach")] = None,
     C: Annotated[float | None, typer.Option("--C", help="inverse regularisation of the linear classifiers")] = None,
@@ -158,20 +152,36 @@ def train(
     track: Annotated[bool | None, typer.Option("--track/--no-track", help="log the run to MLflow")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Train a model on labelled records, evaluate it on a held-out split, and save it."""
+    """Train a model on every labelled row and save it.
+
+    Its figures are the out-of-fold estimate: every row predicted by models and a calibration chain fitted without
+    it. With --holdout, a share of the rows is first set aside and measured by a model fitted on the rest, and the
+    saved model is then refitted on all rows.
+    """
     _setup_logging(verbose)
     from sanshi_ml.evaluate import summary_lines
     from sanshi_ml.train import train as run_train
 
+    if test_size is not None:
+        if holdout is not None:
+            raise UsageError("--test-size is the old name of --holdout; give one of them")
+        log.warning("--test-size is now --holdout: the saved model trains on every row, and the holdout is "
+                    "measured by a model fitted without it")
+        holdout = test_size
     params = build_params(params_file, text_cols, segmented_col, target, id_col, time_col, encoding, sheet,
                           header_row, **{
-        "split.test_size": test_size, "split.seed": seed, "train.target_accuracy": target_accuracy,
+        "split.holdout": holdout, "split.seed": seed, "train.target_accuracy": target_accuracy,
         "train.C": C, "text.backend": backend, "train.model_dir": str(model_dir) if model_dir else None})
     sources = data or [Path(params.data.path)]
     result = run_train(sources, params, progress=lambda m: typer.echo(m, err=True), track=track)
-    typer.echo(f"model: {result.model_dir}  (held-out rows: {result.metadata['data']['n_test']})")
+    typer.echo(f"model: {result.model_dir}  (trained on all {len(result.records)} rows)")
+    typer.echo(f"figures: {result.metadata['estimate']['description']}")
     for line in summary_lines(result.metrics):
         typer.echo(line)
+    if result.holdout is not None:
+        typer.echo(f"holdout figures: {result.holdout.describe(len(result.records))}")
+        for line in summary_lines(result.holdout.metrics):
+            typer.echo(line)
 
 
 @app.command()
@@ -193,7 +203,7 @@ def tune(
 ) -> None:
     """Search tune.space in params.yaml by cross-validation on the training split; write the best as a params file."""
     _setup_logging(verbose)
-    from sanshi_ml.records import load_many, split_indices, subset
+    from sanshi_ml.records import ReadOptions, load_many, split_indices, subset
     from sanshi_ml.train import column_map
     from sanshi_ml.tune import tune as run_tune
     from sanshi_ml.tune import write_best
@@ -203,16 +213,20 @@ def tune(
     if not params.tune.space:
         raise UsageError("tune.space in the params file is empty: give the values to try, e.g. "
                          "'train.C: [0.3, 0.7, 1.5]' (see docs/analysts.md)")
-    records = load_many([str(p) for p in (data or [Path(params.data.path)])], column_map(params))
-    # The held-out split that train evaluates on is left out, so the winner is chosen on training rows only.
-    train_idx, _ = split_indices(records, params.split.test_size, params.split.seed, params.split.stratify_target)
+    records = load_many([str(p) for p in (data or [Path(params.data.path)])], column_map(params),
+                        ReadOptions.from_config(params.data))
 
     def say(message: str) -> None:
         typer.echo(message, err=True)
 
-    say(f"tuning on the {len(train_idx)} training rows of the split (the held-out rows stay unseen)")
-    result = run_tune(subset(records, train_idx), params, target=rank_by, cv=cv, n_trials=n_trials, track=track,
-                      progress=say)
+    if params.split.holdout:
+        # The untouched holdout that train measures on is left out, so the winner is never chosen on it.
+        records = subset(records, split_indices(records, params.split.holdout, params.split.seed,
+                                                params.split.stratify_target)[0])
+        say(f"tuning on {len(records)} rows (the split.holdout rows stay unseen)")
+    else:
+        say(f"tuning on all {len(records)} rows by cross-validation")
+    result = run_tune(records, params, target=rank_by, cv=cv, n_trials=n_trials, track=track, progress=say)
     for line in result.lines():
         typer.echo(line)
     path = write_best(result, params, out)
@@ -232,7 +246,11 @@ def evaluate(
     id_col: IdOpt = None, time_col: TimeOpt = None, params_file: ParamsOpt = None, verbose: VerboseOpt = False,
     encoding: EncodingOpt = None, sheet: SheetOpt = None, header_row: HeaderRowOpt = None,
 ) -> None:
-    """Evaluate a saved model: metrics.json (per target, per class, per slice, ECE) and plots."""
+    """Evaluate a saved model: metrics.json (per target, per class, per slice, ECE) and plots.
+
+    Rows the model trained on are graded by their out-of-fold outcomes recorded at training, never by the model
+    itself; other rows are predicted by the model. metrics.json says which is which ("source", "scope", "rows").
+    """
     _setup_logging(verbose)
     from sanshi_ml.evaluate import summary_lines
     from sanshi_ml.records import ColumnMap
@@ -249,8 +267,13 @@ def evaluate(
     payload = run_evaluate(data or [Path(params.data.path)], model_dir, out or Path(params.evaluate.out_dir), params,
                            cv=cv if cv is not None else params.evaluate.cv, columns=columns,
                            progress=lambda m: typer.echo(m, err=True))
+    typer.echo(f"figures: {payload['scope']}")
     for line in summary_lines(payload["targets"]):
         typer.echo(line)
+    if "holdout" in payload:
+        typer.echo(f"holdout figures: {payload['holdout']['description']}")
+        for line in summary_lines(payload["holdout"]["targets"]):
+            typer.echo(line)
     if "cv" in payload:
         for name, metrics in payload["cv"]["targets"].items():
             f1 = metrics["macro_f1"]
@@ -436,7 +459,7 @@ def score(
 ) -> None:
     """Score an archive in chunks: predictions, confidence, review flags, 三事 colour and a status per record."""
     _setup_logging(verbose)
-    from sanshi_ml.records import ColumnMap
+    from sanshi_ml.records import ColumnMap, ReadOptions
     from sanshi_ml.scoring import score as run_score
 
     params = build_params(params_file, text_cols, segmented_col, None, id_col, time_col, encoding, sheet, header_row)
@@ -450,7 +473,7 @@ def score(
         chunk_size=chunk_size or params.score.chunk_size, jobs=params.score.jobs if jobs is None else jobs,
         resume=resume, dask=dask, keep_cols=[c.strip() for c in (keep_cols or "").split(",") if c.strip()],
         max_text_chars=params.score.max_text_chars, policy_path=policy or params.policy.path, overwrite=overwrite,
-        progress=progress, say=lambda m: typer.echo(m, err=True))
+        progress=progress, read=ReadOptions.from_config(params.data), say=lambda m: typer.echo(m, err=True))
     typer.echo(f"{result.out}: {result.rows} records, {result.records_per_second:,.0f} records/s")
 
 

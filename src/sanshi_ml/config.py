@@ -81,11 +81,23 @@ class DataConfig(_Section):
 
 
 class SplitConfig(_Section):
-    """The held-out split used by train and evaluate; duplicates always stay on one side."""
+    """An optional untouched holdout. The saved model always trains on every row; its figures are the out-of-fold
+    estimate, and with a holdout also those of a model fitted without the holdout rows. Duplicates stay on one
+    side."""
 
-    test_size: float = Field(0.2, gt=0, lt=1)
+    holdout: float = Field(0.0, ge=0, lt=1, description=(
+        "share of rows set aside before training and measured by a model fitted on the rest; the saved model is "
+        "then refitted on all rows. 0: no holdout"))
     seed: int = 42
     stratify_target: str | None = Field(None, description="target to stratify on; None = the first target")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _test_size_became_holdout(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "test_size" in data:
+            raise ValueError("split.test_size is gone: the saved model now trains on every row. For an untouched "
+                             "holdout measured before the refit, set split.holdout (e.g. 0.2); remove test_size")
+        return data
 
 
 class PrepareConfig(_Section):
@@ -199,7 +211,7 @@ class TuneConfig(_Section):
 
 class EvaluateConfig(_Section):
     out_dir: str = "reports/demo"
-    cv: int = Field(0, ge=0, description="K-fold cross-validation; 0 evaluates the held-out split only")
+    cv: int = Field(0, ge=0, description="also K-fold cross-validation of the model's configuration; 0: none")
     reliability_bins: int = Field(10, ge=2, le=50)
 
 

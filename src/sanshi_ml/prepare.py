@@ -6,7 +6,7 @@ labels and the clerks' feedback export) into one, and writes ``records.parquet``
 report, the label counts and the data hash).
 
 The prepared file keeps the export's own column names, so the column map in ``params.yaml`` reads it unchanged, and
-loading it gives the same records, the same data hash, and therefore the same held-out split as loading the
+loading it gives the same records, the same data hash, and therefore the same folds and holdout as loading the
 exports directly: a model trained by ``dvc repro`` and one trained by ``sanshi-ml train data/demo/records.csv``
 record the same ``data_sha256``.
 """

@@ -14,14 +14,12 @@ than a damaged character or two, and more than 0.1%, is an error naming the file
 from __future__ import annotations
 
 import codecs
-import contextlib
 import csv
 import io
 import logging
 import re
 import threading
 from collections.abc import Iterator, Sequence
-from contextvars import ContextVar
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -76,28 +74,6 @@ class ReadOptions:
     def from_config(cls, data: Any) -> ReadOptions:
         """From a :class:`sanshi_ml.config.DataConfig`."""
         return cls(encoding=data.encoding, sheet=data.sheet, header_row=data.header_row)
-
-
-_OPTIONS: ContextVar[ReadOptions] = ContextVar("sanshi_ml_read_options", default=ReadOptions())
-
-
-def set_read_options(options: ReadOptions) -> None:
-    """Make ``options`` what every read without options of its own uses, in the current context.
-
-    The CLI sets them once per command from ``data.encoding``, ``data.sheet`` and ``data.header_row`` (and so from
-    ``--encoding``, ``--sheet``, ``--header-row``), so the stages that load records under them need not pass them.
-    """
-    _OPTIONS.set(options)
-
-
-@contextlib.contextmanager
-def reading(options: ReadOptions) -> Iterator[None]:
-    """Within the block, reads without options of their own use ``options``."""
-    token = _OPTIONS.set(options)
-    try:
-        yield
-    finally:
-        _OPTIONS.reset(token)
 
 
 @dataclass(frozen=True)
@@ -479,7 +455,7 @@ def inspect(path: str | Path, read: ReadOptions | None = None, needed: Sequence[
     """
     path = Path(path)
     _check_file(path)
-    options = read or _OPTIONS.get()
+    options = read or ReadOptions()
     kind = _kind(path)
     try:
         if kind == "csv":
@@ -549,7 +525,7 @@ def read_frame(path: str | Path, read: ReadOptions | None = None, needed: Sequen
         if suffix in EXCEL_SUFFIXES and layout is None:
             _check_file(path)
             with pd.ExcelFile(path) as book:  # opened once, for the header's detection and the read
-                layout = _excel_layout(path, book, read or _OPTIONS.get(), needed)
+                layout = _excel_layout(path, book, read or ReadOptions(), needed)
                 frame = pd.read_excel(book, sheet_name=layout.sheet, header=layout.header_skip, dtype=str)
             _log_layout(path, layout)
         else:

@@ -1,4 +1,5 @@
-"""The record schema, loaders for CSV / Excel / Parquet / JSONL exports, validation and the held-out split.
+"""The record schema, loaders for CSV / Excel / Parquet / JSONL exports, validation, and splits and folds that keep
+repeated texts together.
 
 Files are read by :mod:`sanshi_ml.readers` (encoding, delimiter, sheet, header row), re-exported here.
 An export may name its columns anything; :class:`ColumnMap` says which column is which. Whatever the source, a loaded
@@ -294,7 +295,7 @@ def duplicate_groups(content: pd.Series) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The held-out split
+# Splits and folds
 
 
 def split_indices(records: RecordSet, test_size: float, seed: int,

@@ -39,8 +39,6 @@ from sanshi_ml.config import Params
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
-    from sanshi_ml.model import TargetPredictions
-    from sanshi_ml.records import RecordSet
     from sanshi_ml.train import TrainResult
 
 log = logging.getLogger(__name__)
@@ -48,7 +46,10 @@ log = logging.getLogger(__name__)
 DEFAULT_STORE = "mlflow.db"
 MODEL_ARTIFACT = "model"  # name of the pyfunc model inside a run: runs:/<run_id>/model
 SANSHI_ARTIFACT = "sanshi_model"  # the pyfunc model's artifact: a sanshi-ml model directory
-REPORT_ARTIFACT = "evaluation"  # metrics.json and plots of the held-out split
+REPORT_ARTIFACT = "evaluation"  # metrics.json and plots of the out-of-fold estimate
+HOLDOUT_ARTIFACT = "evaluation_holdout"  # the same for the untouched holdout, when train had one
+HOLDOUT_PREFIX = "holdout"  # holdout.category.macro_f1 beside category.macro_f1 (the out-of-fold estimate)
+TAG_METRICS_SOURCE = "metrics_source"
 TAG_DATA_SHA = "data_sha256"
 TAG_GIT_COMMIT = "git_commit"
 TAG_MODEL_SHA = "model_sha256"
@@ -238,13 +239,17 @@ def _quiet_downloads() -> Iterator[None]:
 
 
 def _log_model(result: TrainResult, run_id: str, work: Path) -> str:
-    """Log the model directory (model.joblib + metadata.json, nothing else) as a pyfunc model; returns its URI."""
+    """Log the model directory (model.joblib, metadata.json and the recorded out-of-fold and holdout outcomes that
+    ``evaluate`` grades training rows by, nothing else) as a pyfunc model; returns its URI."""
     from sanshi_ml.suggest import Suggester
 
     bundle = work / SANSHI_ARTIFACT
     bundle.mkdir()
     shutil.copy2(result.model_dir / MODEL_FILE, bundle / MODEL_FILE)
     metadata = json.loads((result.model_dir / METADATA_FILE).read_text(encoding="utf-8"))
+    for record in (metadata.get("estimate"), metadata.get("holdout")):
+        if record:
+            shutil.copy2(result.model_dir / record["file"], bundle / record["file"])
     metadata["mlflow_run_id"] = run_id  # the sha256 covers model.joblib only, so this keeps the check valid
     (bundle / METADATA_FILE).write_text(json.dumps(metadata, ensure_ascii=False, indent=2), encoding="utf-8")
     example = pd.DataFrame({"title": [t for t, _ in EXAMPLE_REQUESTS], "text": [x for _, x in EXAMPLE_REQUESTS]})
@@ -261,12 +266,12 @@ def _log_model(result: TrainResult, run_id: str, work: Path) -> str:
     return info.model_uri
 
 
-def log_training_run(result: TrainResult, params: Params, predictions: dict[str, TargetPredictions] | None = None,
-                     test: RecordSet | None = None) -> str:
+def log_training_run(result: TrainResult, params: Params) -> str:
     """Log one training run (params, tags, metrics, plots, model) and return its run id.
 
-    ``test`` and ``predictions`` are the held-out rows and the model's predictions for them; with them the
-    evaluation plots are logged too (predictions are computed if only ``test`` is given).
+    The metrics are the saved model's out-of-fold estimate (``category.macro_f1`` …), and with a holdout also the
+    figures of the model fitted without it (``holdout.category.macro_f1`` …); the tag ``metrics_source`` and the
+    artifacts ``evaluation/`` and ``evaluation_holdout/`` (metrics.json and plots) say which is which.
     """
     from sanshi_ml.evaluate import write_report
 
@@ -277,23 +282,30 @@ def log_training_run(result: TrainResult, params: Params, predictions: dict[str,
     tags = {TAG_DATA_SHA: data.get("sha256") or "", TAG_GIT_COMMIT: meta.get("git_commit") or "unknown",
             TAG_MODEL_SHA: meta["artifact"]["sha256"], "model_dir": str(result.model_dir),
             "data_sources": json.dumps(data.get("sources", []), ensure_ascii=False),
-            "sanshi_ml_version": meta.get("libraries", {}).get("sanshi-ml", "")}
+            "sanshi_ml_version": meta.get("libraries", {}).get("sanshi-ml", ""),
+            TAG_METRICS_SOURCE: meta["estimate"]["source"] + (" + holdout" if result.holdout else "")}
     run_name = f"{Path(result.model_dir).name}-C{params.train.C:g}-{meta['artifact']['sha256'][:8]}"
     with _mlflow_errors(params), mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         run_id = run.info.run_id
         mlflow.log_params(flatten_params(params))
-        mlflow.log_metrics(run_metrics(result.metrics))
-        mlflow.log_dict({"data": data, "targets": meta.get("targets", {}), "policy": meta.get("policy")},
-                        "training_summary.json")
+        metrics = run_metrics(result.metrics)
+        if result.holdout is not None:
+            metrics.update({metric_key(HOLDOUT_PREFIX, key): value
+                            for key, value in run_metrics(result.holdout.metrics).items()})
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict({"data": data, "targets": meta.get("targets", {}), "policy": meta.get("policy"),
+                         "estimate": meta.get("estimate"), "holdout": meta.get("holdout")}, "training_summary.json")
         with tempfile.TemporaryDirectory(prefix="sanshi-mlflow-") as tmp:
-            if test is not None:
-                if predictions is None:
-                    predictions = result.model.predict_records(test)
-                report_dir = Path(tmp) / REPORT_ARTIFACT
-                write_report(result.metrics, test, predictions, report_dir,
-                             {"scope": "the held-out split of the training data",
-                              "data_sha256": data.get("sha256")})
-                mlflow.log_artifacts(str(report_dir), REPORT_ARTIFACT)
+            report_dir = Path(tmp) / REPORT_ARTIFACT
+            write_report(result.metrics, result.records, result.estimate.predictions, report_dir,
+                         {"source": meta["estimate"]["source"], "scope": meta["estimate"]["description"],
+                          "data_sha256": data.get("sha256")})
+            mlflow.log_artifacts(str(report_dir), REPORT_ARTIFACT)
+            if result.holdout is not None:
+                holdout_dir = Path(tmp) / HOLDOUT_ARTIFACT
+                write_report(result.holdout.metrics, result.holdout.records, result.holdout.predictions, holdout_dir,
+                             {"source": meta["holdout"]["source"], "scope": meta["holdout"]["description"]})
+                mlflow.log_artifacts(str(holdout_dir), HOLDOUT_ARTIFACT)
             with _quiet_downloads():
                 mlflow.set_tag(TAG_MODEL_URI, _log_model(result, run_id, Path(tmp)))
     log.info("logged MLflow run %s to %s", run_id, tracking_uri(params))

@@ -33,16 +33,23 @@ def test_train_reports_skips_duplicates_and_metrics(trained):
     assert "skipped 2 rows with empty text" in result.stderr
     assert "repeat an earlier text exactly" in result.stderr
     assert "sanshi: accuracy" in result.stdout and "macro-F1" in result.stdout
+    assert "trained on all 418 rows" in result.stdout and "figures: out-of-fold estimate" in result.stdout
     meta = json.loads((model_dir / "metadata.json").read_text())
     assert set(meta["targets"]) == {"sanshi", "appeal"} and meta["split"]["seed"] == 3
+    assert meta["data"]["n_train"] == meta["targets"]["sanshi"]["n_train"] == 418
+    assert meta["metrics_source"] == meta["estimate"]["source"] == "out_of_fold" and meta["holdout"] is None
 
 
 def test_evaluate_writes_metrics_and_plots_with_cross_validation(trained, tmp_path):
     model_dir, _ = trained
     result = run("evaluate", str(DEMO_CSV), "--model-dir", str(model_dir), "--out", str(tmp_path), "--cv", "3")
     assert result.returncode == 0, result.stderr
-    assert "held-out split" in result.stderr  # same data as training: only the held-out rows are scored
     metrics = json.loads((tmp_path / "metrics.json").read_text())
+    # The training data: every row is graded by its out-of-fold outcome, the figures train reported.
+    assert metrics["source"] == "out_of_fold" and metrics["rows"] == {"out_of_fold": 418, "unseen_rows": 0}
+    assert "figures: out-of-fold estimate" in result.stdout
+    train_figures = json.loads((model_dir / "metadata.json").read_text())["metrics"]
+    assert metrics["targets"]["sanshi"]["macro_f1"] == train_figures["sanshi"]["macro_f1"]
     sanshi = metrics["targets"]["sanshi"]
     assert {"accuracy", "macro_f1", "ece", "coverage_at_threshold", "accuracy_at_threshold", "per_class"} <= set(sanshi)
     assert set(sanshi["per_class"]["家事"]) == {"precision", "recall", "f1", "support"}

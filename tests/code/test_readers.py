@@ -12,8 +12,7 @@ from typer.testing import CliRunner
 
 from sanshi_ml.cli import app
 from sanshi_ml.config import ConfigError, Params, with_overrides
-from sanshi_ml.readers import (SAMPLE_BYTES, ReadOptions, RecordError, header_index, inspect, iter_table, read_table,
-                               reading)
+from sanshi_ml.readers import SAMPLE_BYTES, ReadOptions, RecordError, header_index, inspect, iter_table, read_table
 from sanshi_ml.records import ColumnMap, load_records
 from tests.conftest import DEMO_CSV
 
@@ -210,11 +209,11 @@ def test_a_byte_order_mark_contradicting_the_given_encoding_is_an_error(demo, tm
         inspect(path, ReadOptions(encoding="klingon"))
 
 
-def test_read_options_apply_within_their_block_only(tmp_path):
+def test_without_options_every_read_detects_and_options_hold_for_their_read_only(tmp_path):
     path = tmp_path / "ascii.csv"
     path.write_text("id,text\n1,street light\n", encoding="ascii")
-    with reading(ReadOptions(encoding="big5")):
-        assert (inspect(path).encoding, inspect(path).encoding_source) == ("big5", "given")
+    given = inspect(path, ReadOptions(encoding="big5"))
+    assert (given.encoding, given.encoding_source) == ("big5", "given")
     assert (inspect(path).encoding, inspect(path).encoding_source) == ("utf-8", "assumed")
 
 

@@ -11,6 +11,7 @@ from sanshi_ml.artifacts import load_model
 from sanshi_ml.evaluate import evaluate_model
 from sanshi_ml.model import TriageModel
 from sanshi_ml.records import ColumnMap, load_records, split_indices, subset
+from sanshi_ml.train import grade
 from tests.conftest import PETITION_TARGETS
 
 pytestmark = [pytest.mark.real_data, pytest.mark.slow]
@@ -44,12 +45,14 @@ def test_fj2_category_is_calibrated_and_reaches_80_percent_coverage_at_98_percen
 
 @pytest.fixture(scope="module")
 def petitions_metrics(petitions_model_dir, petitions_csv):
-    """The session's petitions model on its own held-out split (as `sanshi-ml evaluate` picks it)."""
+    """The session's petitions model, trained on every row, graded on its training data as `sanshi-ml evaluate`
+    grades it: each row by its out-of-fold outcome."""
     loaded = load_model(petitions_model_dir)
     records = load_records(petitions_csv, ColumnMap(text_cols=("留言主题", "留言详情"), targets=PETITION_TARGETS))
-    split = loaded.metadata["split"]
-    _, test_idx = split_indices(records, split["test_size"], split["seed"], split["stratify_target"])
-    return evaluate_model(loaded.model, subset(records, test_idx))
+    graded = grade(records, loaded)
+    assert graded.source == "out_of_fold"
+    return evaluate_model(loaded.model, graded.records, predictions=graded.predictions,
+                          uncalibrated=graded.uncalibrated)
 
 
 @pytest.mark.parametrize("target", list(PETITION_TARGETS))

@@ -104,6 +104,7 @@ def test_model_info_describes_targets_labels_thresholds_and_provenance(served, d
     assert info["name"] == demo_model_dir.name
     assert info["created_at"] == meta["created_at"]
     assert info["data_sha256"] == meta["data"]["sha256"]
+    assert info["metrics_source"] == "out_of_fold" and info["n_train"] == 418  # every row, measured out of fold
     assert set(info["targets"]) == set(meta["targets"])
     for target, described in meta["targets"].items():
         assert info["targets"][target]["labels"] == described["labels"]

@@ -7,6 +7,7 @@ run's model (same artifact sha256, same answers), not the other's.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -21,7 +22,7 @@ from sanshi_ml.cli import app
 from sanshi_ml.config import with_overrides
 from sanshi_ml.suggest import Suggester
 from sanshi_ml.tracking import champion_uri, load_registered_model_dir, promote
-from sanshi_ml.train import train
+from sanshi_ml.train import evaluate, train
 from tests.conftest import DEMO_CSV
 
 pytestmark = pytest.mark.slow  # two trainings and a registry: about 20 s
@@ -32,16 +33,17 @@ TEXTS = ["A3区青青家园小区的电梯坏了一个多月，物业一直不�
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, repo_params):
-    """Two tracked runs (C=0.2 and C=1.5) in a fresh SQLite store; calibration folds cut to 3 for speed."""
+    """Two tracked runs (C=0.2, and C=1.5 with a 25% holdout) in a fresh SQLite store; calibration folds cut to 3
+    for speed."""
     root = tmp_path_factory.mktemp("mlflow")
     params = {}
     runs = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         previous = mlflow.get_tracking_uri()
-        for name, C in (("a", 0.2), ("b", 1.5)):
+        for name, C, holdout in (("a", 0.2, 0.0), ("b", 1.5, 0.25)):
             params[name] = with_overrides(repo_params, {
-                "train.C": C, "train.calibration_cv": 3, "tracking.enabled": True,
+                "train.C": C, "train.calibration_cv": 3, "tracking.enabled": True, "split.holdout": holdout,
                 "tracking.uri": f"sqlite:///{root / 'mlflow.db'}"})
             runs[name] = train([DEMO_CSV], params[name], model_dir=root / f"model_{name}", progress=lambda _m: None)
         yield {"root": root, "params": params["a"], "runs": runs}
@@ -70,6 +72,24 @@ def test_each_run_records_params_tags_metrics_plots_and_model(store):
                                                 dst_path=str(store["root"] / "dl"))
     logged = json.loads(open(local, encoding="utf-8").read())
     assert logged["targets"]["sanshi"]["accuracy"] == pytest.approx(result.metrics["sanshi"]["accuracy"])
+    assert logged["source"] == run.data.tags["metrics_source"] == "out_of_fold"
+    assert not any(key.startswith("holdout.") for key in m)
+
+
+def test_a_run_with_a_holdout_logs_both_sets_of_figures_and_says_which_is_which(store):
+    client = MlflowClient(store["params"].tracking.uri)
+    result = store["runs"]["b"]
+    run = client.get_run(result.run_id)
+    assert run.data.tags["metrics_source"] == "out_of_fold + holdout"
+    m = run.data.metrics
+    assert m["category.macro_f1"] == pytest.approx(result.metrics["category"]["macro_f1"])
+    assert m["holdout.category.macro_f1"] == pytest.approx(result.holdout.metrics["category"]["macro_f1"])
+    assert m["holdout.sanshi.n"] == len(result.holdout.records) < m["sanshi.n"] == len(result.records)
+    local = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="evaluation_holdout/metrics.json",
+                                                dst_path=str(store["root"] / "holdout_download"))
+    logged = json.loads(Path(local).read_text(encoding="utf-8"))
+    assert logged["source"] == "holdout" and "untouched holdout" in logged["scope"]
+    assert logged["targets"]["unit"]["accuracy"] == pytest.approx(result.holdout.metrics["unit"]["accuracy"])
     # The model: a pyfunc with a signature and an input example, its metadata pointing back at the run.
     info = mlflow.models.get_model_info(f"runs:/{result.run_id}/model")
     assert [c["name"] for c in info.signature.inputs.to_dict()] == ["title", "text"]
@@ -103,7 +123,15 @@ def test_champion_alias_loads_the_promoted_run_and_moves_on_promotion(store):
     out = CliRunner().invoke(app, ["promote", runs["b"].run_id, "--params", str(params_file)])
     assert out.exit_code == 0, out.output
     assert "version 2" in out.output and "models:/sanshi-triage@champion" in out.output
-    moved = load_model(load_registered_model_dir(champion_uri(params), store["root"] / "champion2"))
+    moved_dir = load_registered_model_dir(champion_uri(params), store["root"] / "champion2")
+    moved = load_model(moved_dir)
+    # The registered model carries its recorded outcomes: evaluating it on its training data grades the rows by
+    # them (the out-of-fold and holdout figures logged with the run), not by the model that saw them.
+    report = evaluate([DEMO_CSV], moved_dir, store["root"] / "champion2_report", params)
+    assert report["source"] == "out_of_fold"
+    assert report["targets"]["unit"]["macro_f1"] == pytest.approx(runs["b"].metrics["unit"]["macro_f1"])
+    assert report["holdout"]["targets"]["unit"]["macro_f1"] == pytest.approx(
+        runs["b"].holdout.metrics["unit"]["macro_f1"])
     assert moved.metadata["artifact"]["sha256"] == sha["b"]
     alias = MlflowClient(params.tracking.uri).get_model_version_by_alias("sanshi-triage", "champion")
     assert str(alias.version) == "2" and alias.tags["data_sha256"] == runs["b"].metadata["data"]["sha256"]
