@@ -14,6 +14,7 @@ than a damaged character or two, and more than 0.1%, is an error naming the file
 from __future__ import annotations
 
 import codecs
+import functools
 import csv
 import io
 import logging
@@ -128,7 +129,11 @@ def _count_and_replace(error: UnicodeError) -> tuple[str, int]:
     return "\ufffd", error.end  # type: ignore[attr-defined]
 
 
-codecs.register_error(ERROR_HANDLER, _count_and_replace)
+@functools.cache
+def _error_handler() -> str:
+    """The counting handler's name, registered with the codecs on first use (nothing is registered at import)."""
+    codecs.register_error(ERROR_HANDLER, _count_and_replace)
+    return ERROR_HANDLER
 
 
 def _errors_so_far() -> int:
@@ -313,7 +318,7 @@ def _decode_sample(sample: bytes, encoding: str, final: bool) -> tuple[str, int]
     """The sample decoded, and how many characters were replaced. ``final=False`` leaves a character cut at the end
     of the sample out instead of counting it as invalid."""
     before = _errors_so_far()
-    text = codecs.getincrementaldecoder(encoding)(errors=ERROR_HANDLER).decode(sample, final=final)
+    text = codecs.getincrementaldecoder(encoding)(errors=_error_handler()).decode(sample, final=final)
     return text, _errors_so_far() - before
 
 
@@ -486,7 +491,7 @@ def _log_layout(path: Path, layout: Layout) -> None:
 def csv_options(layout: Layout) -> dict:
     """pandas ``read_csv`` keywords for a CSV of this layout: every cell a string, empty cells missing."""
     return {"sep": layout.delimiter, "dtype": str, "keep_default_na": False, "na_values": [""],
-            "encoding": layout.encoding, "encoding_errors": ERROR_HANDLER, "skiprows": layout.header_skip or None}
+            "encoding": layout.encoding, "encoding_errors": _error_handler(), "skiprows": layout.header_skip or None}
 
 
 def _read_csv(path: Path, layout: Layout) -> pd.DataFrame:
