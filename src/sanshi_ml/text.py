@@ -28,18 +28,26 @@ PII_PLACEHOLDERS = {
     "plate": "PLATE",
 }
 
-# Order matters: e-mail first (its local part may hold digits), then 18-digit ID numbers before the 11-digit mobiles
-# they contain, then landlines, then licence plates.
+# Order matters: e-mail first (its local part may hold digits), then ID numbers (18 digits, or the legacy 15) before
+# the 11-digit mobiles they contain, then landlines, then licence plates.
 # Every pattern starts with a literal or a character class, so re jumps straight to candidate positions instead of
 # trying the pattern at every character. "Not preceded by a digit" is therefore written after the first character:
 # X(?<![0-9].) is (?<![0-9])X. A mobile is (?<![0-9])(?:\+?86[- ]?)?1[3-9]…, spelled as one branch per first
-# character; a landline likewise ("(0…)" or "0…"). tests/code/test_text.py checks them against the plain forms.
-_MOBILE_TAIL = r"[3-9]\d(?:[- ]?\d{4}){2}(?![0-9])"
+# character; a landline likewise ("(0…)" or "0…"). tests/code/test_fast_paths.py checks them against the plain forms.
+# A mobile's groups of 3-4-4 digits may be written together, apart (hyphens or up to three spaces: "133 1234 5678",
+# "133 - 1234 - 5678") or with a dot at both places ("133.1234.5678"); a dot at one place only is a decimal number.
+_MOBILE_TAIL = r"[3-9]\d(?:(?:[- ]{0,3}\d{4}){2}|\.\d{4}\.\d{4})(?![0-9])"
 _LANDLINE_TAIL = r"[- ]?[2-9]\d{6,7}(?:-\d{1,4})?(?![0-9])"
+_MONTH_DAY = r"(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])"
+# The legacy 15-digit 身份证 number (still valid for people who never renewed a first-generation card): area code,
+# birth date as YYMMDD, sequence, no check digit. Its first two digits must name a province (11-65), which with the
+# date leaves about 1 in 70 other 15-digit numbers (old business-registration or tax numbers) to be masked too.
+_PROVINCE_SECOND_DIGIT = r"(?:(?<=1)[1-5]|(?<=2)[1-3]|(?<=3)[1-7]|(?<=4)[1-6]|(?<=5)[0-4]|(?<=6)[1-5])"
 _PII_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     ("email", re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")),
     ("id_card", re.compile(
-        r"[1-9](?<![0-9].)\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[0-9Xx](?![0-9])")),
+        rf"[1-9](?<![0-9].)(?:\d{{5}}(?:18|19|20)\d{{2}}{_MONTH_DAY}\d{{3}}[0-9Xx]"
+        rf"|{_PROVINCE_SECOND_DIGIT}\d{{6}}{_MONTH_DAY}\d{{3}})(?![0-9])")),
     ("mobile", re.compile(
         rf"\+(?<![0-9].)86[- ]?1{_MOBILE_TAIL}|8(?<![0-9].)6[- ]?1{_MOBILE_TAIL}|1(?<![0-9].){_MOBILE_TAIL}")),
     ("landline", re.compile(rf"\((?<![0-9].)0\d{{2,3}}\){_LANDLINE_TAIL}|0(?<![0-9].)\d{{2,3}}{_LANDLINE_TAIL}")),
@@ -47,16 +55,37 @@ _PII_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
         r"[京津沪渝冀豫云辽黑湘皖鲁新苏浙赣鄂桂甘晋蒙陕吉闽贵粤青藏川宁琼][A-Za-z][·.]?[A-Za-z0-9]{5,6}(?![A-Za-z0-9])")),
 ]
 
+# Characters that show as nothing (Unicode's Default_Ignorable_Code_Point: soft hyphen, zero-width space, non-joiner
+# and joiner, word joiner, byte-order mark, bidirectional marks, variation selectors, Hangul fillers …). Inside a
+# number a reader sees the number whole while the patterns see two halves, so mask_pii first removes every run of
+# them that touches a character personal data is written with (a digit, an ASCII letter, @ . + - _ % ( ) ·);
+# elsewhere, between Chinese characters or inside an emoji sequence, they are left alone.
+_INVISIBLE_CHARS = ("\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f"
+                    "\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+                    "\U000e0000-\U000e0fff")
+_INVISIBLE = re.compile(f"[{_INVISIBLE_CHARS}]")
+_PII_NEIGHBOUR = r"[\dA-Za-z@.+\-_%()·]"
+_INVISIBLE_IN_PII = re.compile(f"(?<={_PII_NEIGHBOUR})[{_INVISIBLE_CHARS}]+|[{_INVISIBLE_CHARS}]+(?={_PII_NEIGHBOUR})")
+
+
+def _re2_class(chars: str) -> str:
+    """A Python character-class body of literal characters and ranges, in RE2's \\x{…} syntax."""
+    return "".join(f"\\x{{{ord(ch):x}}}" if ch != "-" else "-" for ch in chars)
+
+
 # A necessary condition of each pattern above, without its look-arounds and in RE2's syntax (\p{Nd} is what Python's
 # \d matches), so that Arrow can test a whole batch in C++. Every match of a pattern contains a match of its loose
-# form here, so in a text with no loose match no pattern matches, none of mask_pii's substitutions happens, and the
-# text comes out unchanged. tests/code/test_fast_paths.py checks it on random strings.
+# form here, and every text holding an invisible character is a candidate, so in a text with no loose match no
+# pattern matches, nothing is removed, none of mask_pii's substitutions happens, and the text comes out unchanged.
+# tests/code/test_fast_paths.py checks it on random strings.
 _PII_CANDIDATE = "|".join([
     "@",
     r"[1-9]\p{Nd}{5}(?:18|19|20)\p{Nd}{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\p{Nd}|3[01])\p{Nd}{3}[0-9Xx]",
-    r"1[3-9]\p{Nd}(?:[- ]?\p{Nd}{4}){2}",
+    r"[1-6]\p{Nd}{7}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\p{Nd}|3[01])\p{Nd}{3}",
+    r"1[3-9]\p{Nd}(?:[-. ]{0,3}\p{Nd}{4}){2}",
     r"0\p{Nd}{2,3}\)?[- ]?[2-9]\p{Nd}{6}",
     r"[京津沪渝冀豫云辽黑湘皖鲁新苏浙赣鄂桂甘晋蒙陕吉闽贵粤青藏川宁琼][A-Za-z][·.]?[A-Za-z0-9]{5}",
+    f"[{_re2_class(_INVISIBLE_CHARS)}]",
 ])
 
 _HTML_COMMENT = re.compile(r"<!--.*?-->", re.S)
@@ -73,7 +102,10 @@ def _t2s():
 
 
 def mask_pii(text: str) -> str:
-    """Replace phone numbers, 身份证 numbers, e-mail addresses and licence plates by placeholder words."""
+    """Replace phone numbers, 身份证 numbers (18 or 15 digits), e-mail addresses and licence plates by placeholder
+    words; invisible characters written into them are removed first (see ``_INVISIBLE_CHARS``)."""
+    if _INVISIBLE.search(text) is not None:
+        text = _INVISIBLE_IN_PII.sub("", text)
     for kind, pattern in _PII_PATTERNS:
         if kind == "email" and "@" not in text:  # the cheapest test there is; most texts have no e-mail address
             continue
