@@ -757,16 +757,18 @@ _DASK_CACHE: dict[str, Suggester] = {}
 
 
 def _bundle_suggester(bundle: ModelBundle) -> Suggester:
-    """The Suggester of a bundle, unpickled once per worker process and then reused by every partition."""
+    """The Suggester of a bundle, unpickled once per worker process and then reused by every partition.
+
+    The bytes go through the loader every other path uses (:func:`sanshi_ml.artifacts.model_from_bytes`): their
+    sha256, the allow-list unpickler and the type check; the client checked the signature before shipping them."""
     suggester = _DASK_CACHE.get(bundle.sha256)
     if suggester is None:
-        import io
+        from sanshi_ml.artifacts import ArtifactError, model_from_bytes
 
-        import joblib
-
-        if hashlib.sha256(bundle.model_bytes).hexdigest() != bundle.sha256:
-            raise ScoringError("the model bytes a Dask worker received do not match their sha256")
-        model = joblib.load(io.BytesIO(bundle.model_bytes))
+        try:
+            model = model_from_bytes(bundle.model_bytes, bundle.sha256, source="the model a Dask worker received")
+        except ArtifactError as error:
+            raise ScoringError(str(error)) from None
         suggester = Suggester(model, bundle.policy, bundle.sha256[:12], bundle.metadata)
         _DASK_CACHE.clear()
         _DASK_CACHE[bundle.sha256] = suggester

@@ -22,7 +22,7 @@ import pandas as pd
 
 from sanshi_ml.artifacts import LoadedModel
 from sanshi_ml.model import TargetPredictions, TriageModel
-from sanshi_ml.policy import TriagePolicy, load_policy
+from sanshi_ml.policy import TriagePolicy
 from sanshi_ml.text import model_input
 
 log = logging.getLogger(__name__)
@@ -103,12 +103,11 @@ class Suggester:
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, policy_path: str | None = None) -> Suggester:
-        """Use the policy recorded with the model unless another file is given."""
-        recorded = loaded.metadata.get("policy", {})
-        policy = load_policy(policy_path or recorded.get("path"),
-                             sanshi_target=recorded.get("sanshi_target", "sanshi"),
-                             unit_target=recorded.get("unit_target", "unit"))
-        return cls(loaded.model, policy, loaded.version, loaded.metadata)
+        """Use the policy recorded with the model (refused if its file changed since training) unless another file
+        is given (:func:`sanshi_ml.artifacts.recorded_policy`)."""
+        from sanshi_ml.artifacts import recorded_policy
+
+        return cls(loaded.model, recorded_policy(loaded, policy_path), loaded.version, loaded.metadata)
 
     @property
     def targets(self) -> list[str]:

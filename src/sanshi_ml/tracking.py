@@ -184,9 +184,10 @@ def pip_requirements() -> list[str]:
 class SanshiTriageModel(mlflow.pyfunc.PythonModel):
     """MLflow pyfunc wrapper around a sanshi-ml model directory.
 
-    The directory is loaded with :func:`sanshi_ml.artifacts.load_model`, so the sha256 check applies, and answers
-    go through :class:`sanshi_ml.suggest.Suggester`, like the CLI, the server and batch scoring. Input: a frame
-    with ``text`` and an optional ``title``; output: Suggester.score_frame's columns.
+    The directory is loaded with :func:`sanshi_ml.artifacts.load_model`, so every check of a model directory
+    applies (the sha256 of the bytes read, the signature when a model key is set, the allow-list unpickler), and
+    answers go through :class:`sanshi_ml.suggest.Suggester`, like the CLI, the server and batch scoring. Input: a
+    frame with ``text`` and an optional ``title``; output: Suggester.score_frame's columns.
     """
 
     def load_context(self, context) -> None:
@@ -250,7 +251,7 @@ def _log_model(result: TrainResult, run_id: str, work: Path) -> str:
     for record in (metadata.get("estimate"), metadata.get("holdout")):
         if record:
             shutil.copy2(result.model_dir / record["file"], bundle / record["file"])
-    metadata["mlflow_run_id"] = run_id  # the sha256 covers model.joblib only, so this keeps the check valid
+    metadata["mlflow_run_id"] = run_id  # sha256 and signature cover model.joblib and the policy: both stay valid
     (bundle / METADATA_FILE).write_text(json.dumps(metadata, ensure_ascii=False, indent=2), encoding="utf-8")
     example = pd.DataFrame({"title": [t for t, _ in EXAMPLE_REQUESTS], "text": [x for _, x in EXAMPLE_REQUESTS]})
     # The output schema comes from the fitted model in memory; the logged model is the wrapper's code, which

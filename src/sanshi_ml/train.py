@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sanshi_ml.artifacts import ArtifactError, LoadedModel, load_model, save_model, sha256_file
+from sanshi_ml.artifacts import ArtifactError, LoadedModel, checked_file, load_model, save_model, sha256_file
 from sanshi_ml.config import Params, TrainConfig
 from sanshi_ml.estimate import (
     ESTIMATE_FILE,
@@ -276,15 +276,8 @@ def _grade_saved_split(records: RecordSet, loaded: LoadedModel) -> Graded:
 
 
 def _checked_file(loaded: LoadedModel, record: dict) -> Path:
-    """A file the metadata lists beside the model, after checking that it is the one written with it."""
-    name = Path(record["file"]).name  # never a path outside the model directory
-    path = loaded.path / name
-    if not path.is_file():
-        raise ArtifactError(f"{path}: missing; the model directory is incomplete (retrain it with `sanshi-ml train`)")
-    if sha256_file(path) != record.get("sha256"):
-        raise ArtifactError(f"{path}: integrity check failed (its sha256 differs from metadata.json); retrain the "
-                            "model or restore the file")
-    return path
+    """A file the metadata lists beside the model, inside its directory and the one written with it."""
+    return checked_file(loaded.path, record, "recorded outcomes file")
 
 
 def _recorded_holdout(records: RecordSet, loaded: LoadedModel, params: Params) -> dict | None:

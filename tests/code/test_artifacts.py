@@ -138,3 +138,275 @@ def test_strings_holding_the_separator_are_stored_unpacked():
     assert _PackedStrings.pack(["a\x00b", "c"]) == ["a\x00b", "c"]
     assert _PackedStrings.unpack(_PackedStrings.pack({})) == {}
     assert _PackedStrings.unpack(_PackedStrings.pack(["x"])) == ["x"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Issue 15: an artifact cannot run code it was not meant to, whoever wrote the directory.
+
+import hashlib  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import joblib  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sanshi_ml import artifacts  # noqa: E402
+
+KEY = "k" * 32
+
+
+class _RunsCode:
+    """Unpickled, this runs a shell command that leaves ``marker`` behind."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _plant(model_dir, obj) -> None:
+    """Replace the model file by ``obj`` pickled, and recompute the sha256 in the metadata, as an attacker who can
+    write the directory would."""
+    joblib.dump(obj, model_dir / "model.joblib", compress=("lz4", 3))
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    meta["artifact"]["sha256"] = sha256_file(model_dir / "model.joblib")
+    meta["artifact"]["bytes"] = (model_dir / "model.joblib").stat().st_size
+    (model_dir / "metadata.json").write_text(json.dumps(meta))
+
+
+@pytest.fixture
+def no_key(monkeypatch):
+    for name in ("SANSHI_MODEL_KEY", "SANSHI_MODEL_KEY_FILE", "SANSHI_REQUIRE_SIGNED"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize("payload", ["top level", "nested object array", "inside a dict"])
+def test_a_pickle_that_runs_code_is_refused_even_with_a_recomputed_sha256(model_copy, tmp_path, no_key, payload):
+    marker = tmp_path / "ran"
+    evil = _RunsCode(marker)
+    obj = {"top level": evil, "nested object array": {"labels": np.array(["公事", evil], dtype=object)},
+           "inside a dict": {"model": [1, 2, {"x": evil}]}}[payload]
+    _plant(model_copy, obj)
+    with pytest.raises(ArtifactError, match="posix.system, which a sanshi-ml model never holds"):
+        load_model(model_copy)
+    assert not marker.exists()
+
+
+def test_the_bytes_hashed_are_the_bytes_unpickled(model_copy, tmp_path, monkeypatch, no_key):
+    # The file is swapped for a planted pickle right after its sha256 is computed (the race that got through once
+    # in 40 tries): what is unpickled must be what was hashed.
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.joblib"
+    joblib.dump(_RunsCode(marker), evil)
+    real_sha256 = hashlib.sha256
+
+    class Swapping:
+        def __init__(self, *args):
+            self.digest = real_sha256(*args)
+
+        def update(self, data):
+            self.digest.update(data)
+
+        def hexdigest(self):
+            shutil.copy(evil, model_copy / "model.joblib")
+            return self.digest.hexdigest()
+
+    monkeypatch.setattr(artifacts, "hashlib", SimpleNamespace(sha256=Swapping))
+    loaded = load_model(model_copy)
+    assert type(loaded.model).__name__ == "TriageModel" and not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["../elsewhere/model.joblib", "/tmp/model.joblib", "sub/model.joblib", "..",
+                                  "..\\elsewhere\\model.joblib", ""])
+def test_the_metadata_cannot_point_the_model_file_outside_its_directory(model_copy, tmp_path, name, no_key):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(model_copy / "model.joblib", elsewhere / "model.joblib")  # a perfectly good model, elsewhere
+    meta = json.loads((model_copy / "metadata.json").read_text())
+    meta["artifact"]["file"] = name
+    (model_copy / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="only a file name inside the model directory"):
+        load_model(model_copy)
+
+
+@pytest.mark.parametrize("entry", ["estimate", "holdout"])
+def test_recorded_outcome_files_stay_inside_the_model_directory(model_copy, tmp_path, entry, no_key):
+    from sanshi_ml.train import _checked_file
+
+    record = read_metadata(model_copy)["estimate"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(model_copy / record["file"], elsewhere / record["file"])
+    loaded = SimpleNamespace(path=model_copy)
+    assert _checked_file(loaded, record) == model_copy / record["file"]
+    for name in (f"../elsewhere/{record['file']}", str(elsewhere / record["file"])):
+        with pytest.raises(ArtifactError, match="only a file name inside the model directory"):
+            _checked_file(loaded, {**record, "file": name})
+
+
+def _with_policy_file(model_copy, tmp_path):
+    from sanshi_ml.policy import DEFAULT_POLICY_FILE
+
+    policy = tmp_path / "policy.yaml"
+    shutil.copy(DEFAULT_POLICY_FILE, policy)
+    meta = json.loads((model_copy / "metadata.json").read_text())
+    meta["policy"]["path"] = str(policy)
+    (model_copy / "metadata.json").write_text(json.dumps(meta))
+    return policy
+
+
+def test_a_policy_file_changed_since_training_is_refused(model_copy, tmp_path, no_key):
+    from sanshi_ml.suggest import Suggester
+
+    policy = _with_policy_file(model_copy, tmp_path)
+    assert Suggester.from_loaded(load_model(model_copy)).policy.sha256 == read_metadata(model_copy)["policy"]["sha256"]
+    policy.write_text(policy.read_text(encoding="utf-8").replace("社区居委会", "物业公司", 1), encoding="utf-8")
+    with pytest.raises(ArtifactError, match="责任清单 changed since the model .* was trained"):
+        Suggester.from_loaded(load_model(model_copy))
+
+
+def test_a_policy_given_explicitly_is_used_and_the_difference_said(model_copy, tmp_path, caplog, no_key):
+    from sanshi_ml.suggest import Suggester
+
+    policy = _with_policy_file(model_copy, tmp_path)
+    other = tmp_path / "other.yaml"
+    other.write_text(policy.read_text(encoding="utf-8") + "\n# edited\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="sanshi_ml.artifacts"):
+        suggester = Suggester.from_loaded(load_model(model_copy), str(other))
+    assert suggester.policy.sha256 == hashlib.sha256(other.read_bytes()).hexdigest()
+    assert "not the one the model" in caplog.text and str(other) in caplog.text
+
+
+def test_dask_workers_unpickle_through_the_same_checks(demo_model_dir, tmp_path, no_key):
+    from sanshi_ml.policy import load_policy
+    from sanshi_ml.scoring import ModelBundle, ScoringError, _bundle_suggester
+
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.joblib"
+    joblib.dump(_RunsCode(marker), evil)
+    data = evil.read_bytes()
+    bundle = ModelBundle(data, hashlib.sha256(data).hexdigest(), read_metadata(demo_model_dir), load_policy())
+    with pytest.raises(ScoringError, match="never holds"):
+        _bundle_suggester(bundle)
+    assert not marker.exists()
+    good = (demo_model_dir / "model.joblib").read_bytes()
+    with pytest.raises(ScoringError, match="integrity check failed"):
+        _bundle_suggester(ModelBundle(good, bundle.sha256, bundle.metadata, bundle.policy))
+    suggester = _bundle_suggester(ModelBundle(good, hashlib.sha256(good).hexdigest(), bundle.metadata, bundle.policy))
+    assert suggester.targets == ["category", "sanshi", "unit", "appeal"]
+
+
+def test_the_mlflow_pyfunc_wrapper_loads_through_the_same_checks(model_copy, tmp_path, no_key):
+    from sanshi_ml.tracking import SANSHI_ARTIFACT, SanshiTriageModel
+
+    marker = tmp_path / "ran"
+    _plant(model_copy, _RunsCode(marker))
+    with pytest.raises(ArtifactError, match="never holds"):
+        SanshiTriageModel().load_context(SimpleNamespace(artifacts={SANSHI_ARTIFACT: str(model_copy)}))
+    assert not marker.exists()
+
+
+def test_the_server_loads_through_the_same_checks(model_copy, tmp_path, no_key):
+    from fastapi.testclient import TestClient
+
+    from serve.app import create_app
+    from tests.system.serve_support import make_settings, wait_settled
+
+    marker = tmp_path / "ran"
+    _plant(model_copy, _RunsCode(marker))
+    with TestClient(create_app(make_settings(model_copy, f"sqlite:///{tmp_path / 'feedback.db'}"))) as client:
+        body = wait_settled(client)
+    assert body["status"] == "failed" and not marker.exists()
+
+
+def test_every_estimator_a_setting_can_put_in_a_model_passes_the_allow_list():
+    # Models trained with each classifier, calibration method and confidence map (and pre-segmented text) name
+    # exactly these; fitted here on a toy problem, they must unpickle through the allow-list.
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.isotonic import IsotonicRegression
+    from sklearn.linear_model import LogisticRegression, SGDClassifier
+    from sklearn.svm import LinearSVC
+
+    from sanshi_ml.text import Segmenter
+
+    X = np.random.default_rng(0).normal(size=(60, 4))
+    y = np.array(["公事", "共事", "家事"] * 20, dtype=object)
+    parts = [LogisticRegression().fit(X, y), SGDClassifier(loss="modified_huber").fit(X, y),
+             IsotonicRegression().fit(X[:, 0], X[:, 1]), Segmenter(keep_only=["电梯", "物业"])]
+    for method in ("sigmoid", "isotonic", "temperature"):
+        parts.append(CalibratedClassifierCV(LinearSVC(), method=method, cv=2).fit(X, y))
+    import io
+
+    buffer = io.BytesIO()
+    joblib.dump(parts, buffer, compress=("lz4", 3))
+    restored = artifacts._unpickle(buffer.getvalue(), "toy")
+    assert [type(p).__name__ for p in restored] == [type(p).__name__ for p in parts]
+
+
+def test_a_directory_written_by_sanshi_ml_before_signatures_still_loads(demo_model_dir, tmp_path, monkeypatch,
+                                                                        no_key):
+    # The layout every earlier release wrote: model.joblib (joblib, lz4) and metadata.json, format 1, no signature.
+    old = tmp_path / "old"
+    old.mkdir()
+    model = load_model(demo_model_dir).model
+    joblib.dump(model, old / "model.joblib", compress=("lz4", 3))
+    meta = {k: v for k, v in read_metadata(demo_model_dir).items() if k != "signature"}
+    meta["format_version"] = 1
+    meta["artifact"] = {"file": "model.joblib", "sha256": sha256_file(old / "model.joblib"),
+                        "bytes": (old / "model.joblib").stat().st_size}
+    (old / "metadata.json").write_text(json.dumps(meta, ensure_ascii=False))
+    for record in (meta.get("estimate"), meta.get("holdout")):
+        if record:
+            shutil.copy(demo_model_dir / record["file"], old / record["file"])
+    loaded = load_model(old)
+    texts = ["小区电梯坏了物业不修"]
+    assert np.array_equal(loaded.model.predict(texts)[0]["sanshi"].proba, model.predict(texts)[0]["sanshi"].proba)
+    monkeypatch.setenv(artifacts.KEY_ENV, KEY)  # once a key is configured, it must be signed first
+    with pytest.raises(ArtifactError, match="not signed.*python -m sanshi_ml.artifacts sign"):
+        load_model(old)
+    assert artifacts.main(["sign", str(old)]) == 0
+    assert load_model(old).version == loaded.version
+
+
+def test_with_a_key_a_model_signed_with_it_loads_and_a_consistent_forgery_does_not(model_copy, monkeypatch,
+                                                                                  no_key):
+    monkeypatch.setenv(artifacts.KEY_ENV, KEY)
+    artifacts.sign_model(model_copy)
+    model = load_model(model_copy).model
+    # A working model with other weights, its sha256 recomputed: integrity holds, authenticity does not.
+    model.heads["sanshi"].threshold = 0.0
+    _plant(model_copy, model)
+    with pytest.raises(ArtifactError, match="changed after the model was signed"):
+        load_model(model_copy)
+    monkeypatch.setenv(artifacts.KEY_ENV, "another key, also long enough")
+    with pytest.raises(ArtifactError, match="signed with another key"):
+        load_model(model_copy)
+
+
+def test_training_with_a_key_signs_and_unsigned_models_are_refused_when_required(model_copy, tmp_path,
+                                                                                  monkeypatch, no_key):
+    model = load_model(model_copy).model
+    key_file = tmp_path / "model.key"
+    key_file.write_text(KEY)
+    monkeypatch.setenv(artifacts.KEY_FILE_ENV, str(key_file))
+    metadata = artifacts.save_model(model, tmp_path / "signed",
+                                    {"policy": read_metadata(model_copy)["policy"]})
+    assert metadata["signature"]["algorithm"] == "hmac-sha256"
+    assert load_model(tmp_path / "signed").version == metadata["artifact"]["sha256"][:12]
+    artifacts.update_metadata(tmp_path / "signed", mlflow_run_id="abc")  # later fields keep the signature valid
+    load_model(tmp_path / "signed")
+    monkeypatch.setenv(artifacts.KEY_FILE_ENV, str(tmp_path / "signed" / "model.key"))
+    (tmp_path / "signed" / "model.key").write_text(KEY)
+    with pytest.raises(ArtifactError, match="lies in the model directory"):
+        load_model(tmp_path / "signed")
+    monkeypatch.delenv(artifacts.KEY_FILE_ENV)
+    monkeypatch.setenv(artifacts.KEY_ENV, "short")
+    with pytest.raises(ArtifactError, match="at least 16"):
+        load_model(tmp_path / "signed")
+    monkeypatch.delenv(artifacts.KEY_ENV)
+    load_model(model_copy)  # no key: loads, with a warning
+    monkeypatch.setenv(artifacts.REQUIRE_SIGNED_ENV, "1")
+    with pytest.raises(ArtifactError, match="no model key is configured"):
+        load_model(model_copy)
