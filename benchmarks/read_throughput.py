@@ -6,10 +6,13 @@ encodings a city's system writes, then times `iter_table` over each in --repeats
 whose speed drifts moves every encoding alike) and prints the median seconds and records/s.
 
 --before FILE times, in the same rounds, the `iter_table` of another version of the module that defined it (e.g.
-`git show 5712621:src/sanshi_ml/records.py > /tmp/records_before.py`), on the UTF-8 archive.
+`git show 5712621:src/sanshi_ml/records.py > /tmp/records_before.py`), on every encoding's archive.
+
+--damaged also times the UTF-8 archive with one stray quote in its 100th record, which the fast path hands to the
+careful reader (the csv module, line by line) from the first chunk on: what a damaged file costs to read.
 
 Run: .venv/bin/python benchmarks/read_throughput.py [--records 100000] [--repeats 7] [--encodings utf-8,gb18030]
-     [--before /tmp/records_before.py]
+     [--before /tmp/records_before.py] [--damaged]
 """
 
 from __future__ import annotations
@@ -41,6 +44,15 @@ def build_csv(n: int, path: Path, encoding: str, seed: int = 0) -> Path:
     return path
 
 
+def stray_quote(source: Path, path: Path, record: int) -> Path:
+    """A copy of ``source`` with a quote at the start of its ``record``-th record's id (records are numbered from
+    1 in their ids): it would swallow the records after it up to the next quoted cell."""
+    text = source.read_text(encoding="utf-8")
+    at = text.index(f"\nW{record - 1:08d},") + 1
+    path.write_text(text[:at] + '"' + text[at:], encoding="utf-8")
+    return path
+
+
 def time_read(path: Path, chunk_size: int, reader=iter_table) -> tuple[float, int]:
     started = time.perf_counter()
     rows = sum(len(chunk) for chunk in reader(path, chunk_size))
@@ -63,6 +75,7 @@ def main() -> None:
     parser.add_argument("--encodings", default="utf-8", help="comma-separated, e.g. utf-8,gb18030,utf-8-sig")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--before", type=Path, default=None, help="an older module defining iter_table")
+    parser.add_argument("--damaged", action="store_true", help="also time an archive with one stray quote")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sanshi-read-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -70,8 +83,11 @@ def main() -> None:
     paths = {e: build_csv(args.records, workdir / f"archive-{e}.csv", e) for e in encodings}
     runs = {e: (paths[e], iter_table) for e in encodings}
     if args.before:
+        before = load_module(args.before).iter_table
+        runs.update({f"{e}, before": (paths[e], before) for e in encodings})
+    if args.damaged:
         utf8 = paths.get("utf-8") or build_csv(args.records, workdir / "archive-utf-8.csv", "utf-8")
-        runs["utf-8, before"] = (utf8, load_module(args.before).iter_table)
+        runs["utf-8, damaged"] = (stray_quote(utf8, workdir / "archive-damaged.csv", 100), iter_table)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for path, reader in runs.values():  # warm the page cache and the imports
         time_read(path, args.chunk_size, reader)

@@ -17,14 +17,17 @@ import codecs
 import functools
 import csv
 import io
+import json
 import logging
 import re
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 log = logging.getLogger(__name__)
@@ -485,6 +488,411 @@ def _log_layout(path: Path, layout: Layout) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Malformed rows
+#
+# pandas' C parser, the fast path, reads a clean CSV file. It cannot be trusted with a damaged one: a row with too
+# many fields stops the read (a ParserError), a row with too few is padded with empty cells without a word, and a
+# stray quote at the start of a field opens a quoted cell that swallows the records after it, up to the next quote
+# character of the file, as silently. So each chunk the C parser returns is vouched for before it is given out
+# (:class:`_Vouch`): where its last column holds an empty cell (a padded row would), pyarrow's parser checks once,
+# with an invalid-row handler and no column converted, that every row of the file has the header's width; and no
+# cell may look like swallowed records (:func:`swallowed`, a check of the cells holding a line break). From the
+# first chunk that fails, the file is read by the careful reader (:class:`_CarefulReader`: the csv module over
+# numbered physical lines), which turns each damaged record into one *malformed* row, its first line in the file in
+# the column MALFORMED_LINE, and reads the records after it as they are. The pandas python engine's ``on_bad_lines``
+# callable was not used: it is called with a bad row's fields, not its line, and never for a stray quote.
+
+MALFORMED_LINE = "\x00malformed_line"  # a frame's column; a name no export has. Set on malformed rows only.
+_BREAK = re.compile(r"\r\n|\r|\n")  # a line break, as the file's lines are split (Python's newline="" reading)
+ASCII_COMPATIBLE_PROBE = '\n\r",;\t'
+
+
+def _fields_in(line: str, delimiter: str) -> int:
+    """How many fields ``line`` holds read alone as a CSV line (a line without quotes: its delimiters plus one)."""
+    if '"' not in line:
+        return line.count(delimiter) + 1
+    try:
+        return len(next(csv.reader([line], delimiter=delimiter), [""]))
+    except csv.Error:
+        return 0
+
+
+def swallowed(cell: str, column: int, width: int, delimiter: str) -> bool:
+    """Whether a cell holding a line break may hold records that a stray quote swallowed (a candidate).
+
+    A stray quote at the start of field ``column`` of a record opens a quoted cell that runs up to the next quote
+    character of the file. The cell then holds the rest of that record's line (its ``width - column`` fields from
+    ``column`` on, joined by delimiters, with no quote among them), the whole lines of any records after it, and
+    the start of the record whose quoted field closed it. So a cell is a candidate when its first line reads as
+    exactly ``width - column`` fields without a quote, and either a line between two of its line breaks reads as
+    exactly ``width`` fields without a quote (a whole record swallowed) or its last line reads as ``column + 1`` to
+    ``width`` fields (the start of a record up to a quoted field: for the widths to add up, as pandas found them,
+    that field is at ``column`` or later). In the last column that quoted field can only be the record's last one,
+    holding no delimiter and no line break, so quoted for a quote it holds: the last line then holds a quote too.
+    A file of one column cannot be checked: any line of text reads as a row of it. A candidate is only a cue to
+    read the file's own lines carefully (:class:`_CarefulReader`), which decides.
+    """
+    if width < 2:
+        return False
+    lines = _BREAK.split(cell)
+    if len(lines) < 2 or '"' in lines[0] or lines[0].count(delimiter) != width - column - 1:
+        return False
+    if any('"' not in line and line.count(delimiter) == width - 1 for line in lines[1:-1]):
+        return True
+    if column == width - 1 and '"' not in lines[-1]:
+        return False
+    return column + 1 <= _fields_in(lines[-1], delimiter) <= width
+
+
+def _cells_with_breaks(series: pd.Series) -> Iterator[str]:
+    """The cells holding a line break. Arrow-backed strings (pandas' str dtype) are searched in their value buffer
+    with ``bytes.find`` (memchr), so the check costs a copy and a scan of memory, not a Python loop over cells."""
+    import pyarrow as pa
+
+    values = series.array
+    chunks = None
+    if hasattr(values, "__arrow_array__"):
+        arrow = values.__arrow_array__()
+        chunks = arrow.chunks if isinstance(arrow, pa.ChunkedArray) else [arrow]
+        if not all(pa.types.is_string(c.type) or pa.types.is_large_string(c.type) for c in chunks):
+            chunks = None
+    if chunks is None:
+        yield from (v for v in series.tolist() if isinstance(v, str) and ("\n" in v or "\r" in v))
+        return
+    for chunk in chunks:
+        offsets_buffer, data_buffer = chunk.buffers()[1:3]
+        if data_buffer is None or not len(chunk):
+            continue
+        dtype = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+        offsets = np.frombuffer(offsets_buffer, dtype=dtype)[chunk.offset:chunk.offset + len(chunk) + 1]
+        start, end = int(offsets[0]), int(offsets[-1])
+        data = data_buffer.to_pybytes()
+        hits = []
+        for needle in (b"\n", b"\r"):
+            at = data.find(needle, start, end)
+            while at >= 0:
+                hits.append(at)
+                at = data.find(needle, at + 1, end)
+        if hits:
+            for cell in np.unique(np.searchsorted(offsets, hits, side="right") - 1):
+                yield chunk[int(cell)].as_py()
+
+
+def _holds_swallowed(frame: pd.DataFrame, delimiter: str) -> bool:
+    """Whether a frame from the C parser holds a candidate cell (:func:`swallowed`): then the file is read again by
+    the careful reader, which decides on the file's own lines."""
+    width = frame.shape[1]
+    if width < 2:
+        return False
+    return any(swallowed(cell, column, width, delimiter)
+               for column in range(width) for cell in _cells_with_breaks(frame.iloc[:, column]))
+
+
+def _ascii_compatible(encoding: str) -> bool:
+    """Whether the delimiter, quote and line-break bytes of the file are those of ASCII (UTF-8, GB18030, Big5: a
+    byte below 0x40 is never part of another character), so a parser may read its bytes as they are."""
+    encoding = encoding.removesuffix("-sig")
+    try:
+        return ASCII_COMPATIBLE_PROBE.encode(encoding) == ASCII_COMPATIBLE_PROBE.encode("ascii")
+    except (LookupError, UnicodeError):
+        return False
+
+
+class _Utf8Stream(io.RawIOBase):
+    """A text stream's remaining characters as UTF-8 bytes (for pyarrow, on a file in UTF-16 or UTF-32)."""
+
+    def __init__(self, text: io.TextIOBase) -> None:
+        self.text, self.pending = text, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while len(self.pending) < len(buffer):
+            more = self.text.read(1 << 16)
+            if not more:
+                break
+            self.pending += more.encode("utf-8", errors="surrogatepass")
+        size = min(len(buffer), len(self.pending))
+        buffer[:size] = self.pending[:size]
+        self.pending = self.pending[size:]
+        return size
+
+
+def _text_encoding(layout: Layout, handle: io.BufferedReader) -> str:
+    """The codec a text read of the file uses: the layout's, a UTF-8 byte-order mark skipped as pandas skips it."""
+    encoding = layout.encoding or "utf-8"
+    if encoding == "utf-8" and handle.peek(3)[:3] == codecs.BOM_UTF8:
+        return "utf-8-sig"
+    return encoding
+
+
+def _skip_title_rows(reader, layout: Layout) -> None:
+    """Skip the rows above the header as pandas' ``skiprows`` does: records, a blank line counting as one."""
+    for _ in range(layout.header_skip):
+        if next(reader, None) is None:
+            return
+
+
+def _widths_agree(path: Path, layout: Layout) -> bool:
+    """Whether every data row of a CSV file has the header's number of fields.
+
+    pyarrow's parser reads the file from its header on and calls an invalid-row handler for each row of another
+    width; no column is converted, so this costs about a third of pandas' read, and it is only asked of a file with
+    an empty cell in its last column. A line of spaces is no row (pandas skips it too). A file pyarrow cannot parse
+    counts as not agreeing: the careful reader then decides.
+    """
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    invalid = 0
+
+    def handler(row) -> str:
+        nonlocal invalid
+        if row.text is None or row.text.strip():
+            invalid += 1
+        return "skip"
+
+    # pyarrow decodes an invalid row's text as UTF-8 before it calls the handler; for a GB18030 or Big5 row (or a
+    # damaged byte) that fails inside pyarrow, which reports it as an "exception ignored" and stops with an error.
+    # Such a row is counted here, quietly, instead of printed; any other report goes on to the usual hook.
+    undecoded = []
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if unraisable.object is handler:
+            undecoded.append(unraisable)
+        else:
+            previous_hook(unraisable)
+
+    # One thread: in a scoring run the other cores are the workers'.
+    options = {"read_options": pacsv.ReadOptions(autogenerate_column_names=True, use_threads=False),
+               "parse_options": pacsv.ParseOptions(delimiter=layout.delimiter or ",", newlines_in_values=True,
+                                                   invalid_row_handler=handler),
+               "convert_options": pacsv.ConvertOptions(include_columns=[])}
+    sys.unraisablehook = hook
+    try:
+        with open(path, "rb") as handle:
+            encoding = _text_encoding(layout, handle)
+            offset = len(codecs.BOM_UTF8) if encoding == "utf-8-sig" else 0
+            text = None
+            if layout.header_skip:
+                # Title rows end where the csv module says (a title may hold a quoted line break).
+                text = io.TextIOWrapper(handle, encoding=encoding, errors="replace", newline="")
+                lines = _Lines(text)
+                _skip_title_rows(csv.reader(lines, delimiter=layout.delimiter or ","), layout)
+                offset += len("".join(line for _, line in lines.taken).encode(encoding.replace("-sig", "")))
+            if _ascii_compatible(encoding):  # pyarrow reads the bytes as they are, from the header on
+                with pa.OSFile(str(path)) as raw:
+                    raw.seek(offset)
+                    pacsv.read_csv(raw, **options)
+            else:  # UTF-16 or UTF-32: the text from the header on, as UTF-8
+                if text is None:
+                    text = io.TextIOWrapper(handle, encoding=encoding, errors="replace", newline="")
+                pacsv.read_csv(io.BufferedReader(_Utf8Stream(text), buffer_size=1 << 20), **options)
+    except (pa.ArrowException, OSError, ValueError, UnicodeError):
+        return False
+    finally:
+        sys.unraisablehook = previous_hook
+    return invalid == 0 and not undecoded
+
+
+class _Lines:
+    """The physical lines of a text stream, numbered from 1, handed to a ``csv.reader`` one at a time; the lines of
+    the last record are kept in ``taken``, and lines can be put back to be read again."""
+
+    def __init__(self, text: io.TextIOBase) -> None:
+        self._read = text.readline
+        self.count = 0
+        self.back: list[tuple[int, str]] = []  # put back, the next to hand out last
+        self.taken: list[tuple[int, str]] = []
+        self.log: list[tuple[int, str]] | None = None  # every line handed out, while a trial reads ahead
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        if self.back:
+            item = self.back.pop()
+        else:
+            line = self._read()
+            if not line:
+                raise StopIteration
+            self.count += 1
+            item = (self.count, line)
+        self.taken.append(item)
+        if self.log is not None:
+            self.log.append(item)
+        return item[1]
+
+    def put_back(self, items: Sequence[tuple[int, str]]) -> None:
+        self.back.extend(reversed(items))
+
+
+@functools.cache
+def _rfc_pattern(delimiter: str) -> re.Pattern:
+    d = re.escape(delimiter)
+    field = rf'(?:"(?:[^"]|"")*+"|[^"{d}\r\n]*+)'
+    return re.compile(rf"{field}(?:{d}{field})*+(?:\r\n|\r|\n)?")
+
+
+def _rfc_record(lines: Sequence[tuple[int, str]], delimiter: str) -> bool:
+    """Whether a record's raw lines are well-formed CSV (RFC 4180): every quote opens a field, closes it before a
+    delimiter or the line's end, or is doubled inside it. A swallowed record written by a CSV writer is; the
+    continuation of a legitimate multi-line cell is not (its closing quote ends a field that did not open with one)."""
+    return _rfc_pattern(delimiter).fullmatch("".join(line for _, line in lines)) is not None
+
+
+class _CarefulReader:
+    """Records of a CSV file read with the csv module over numbered physical lines: each well-formed record as its
+    fields, each damaged one as None with its first line.
+
+    A record is damaged when it does not have the header's width, or when a stray quote made one of its cells
+    swallow the records after it. A record that spans several lines is split at the first line break of a cell when
+    the lines after that break, up to the record's last line, read again as records, give more well-formed ones
+    (the header's width, and well-formed CSV: :func:`_rfc_record`) than not, and at least one: they are the records
+    the quote swallowed. For a record of the header's width only candidate cells are tried (:func:`swallowed`), the
+    cells the fast path also looks for. The lines before the break are then one malformed row, and the lines after
+    it are read as records again. A record of another width that is not split is one malformed row.
+
+    The continuation lines of a legitimate multi-line cell do not read as well-formed records: its last line ends
+    with the cell's closing quote, which a well-formed record never holds in the middle of a field.
+    """
+
+    def __init__(self, text: io.TextIOBase, layout: Layout) -> None:
+        if csv.field_size_limit() < 1 << 30:  # pandas reads cells of any length; so must the careful reader
+            csv.field_size_limit(1 << 30)
+        self.delimiter = layout.delimiter or ","
+        self.lines = _Lines(text)
+        self.reader = csv.reader(self.lines, delimiter=self.delimiter)
+        _skip_title_rows(self.reader, layout)
+        header = next(self._records(), None)  # the first record that is not blank
+        self.width = len(header[0]) if header is not None and header[0] is not None else 0
+
+    def _records(self) -> Iterator[tuple[list[str] | None, list[tuple[int, str]]]]:
+        """Every record that is not a blank line, with its lines (None for one the csv module refused)."""
+        lines, reader = self.lines, self.reader
+        while True:
+            lines.taken = []
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error:  # not expected in the csv module's lenient default mode; a malformed row if it comes
+                if lines.taken:
+                    yield None, lines.taken
+                    continue
+                return
+            taken = lines.taken
+            if not fields or (len(fields) == 1 and len(taken) == 1 and not fields[0].strip()):
+                continue  # a blank line, or one of spaces: pandas skips it too
+            yield fields, taken
+
+    def _split(self, fields: list[str], taken: list[tuple[int, str]], column: int) -> bool:
+        """Whether the record ends at the first line break of cell ``column`` (see the class). If so, the lines
+        after the break are left to be read as records; if not, they are dropped as this record's."""
+        breaks = sum(len(_BREAK.findall(cell)) for cell in fields[:column])
+        rest = taken[breaks + 1:]
+        if not rest:
+            return False
+        last = taken[-1][0]
+        lines = self.lines
+        lines.put_back(rest)
+        lines.log = []
+        good = bad = 0
+        for record, record_lines in self._records():
+            if record_lines[0][0] > last:
+                break
+            if record is not None and len(record) == self.width and _rfc_record(record_lines, self.delimiter):
+                good += 1
+            else:
+                bad += 1
+        consumed, lines.log = lines.log, None
+        lines.put_back(consumed)  # read again either way: as records, or dropped just below
+        if good > bad:
+            return True
+        del lines.back[len(lines.back) - len(rest):]  # they belong to this record after all
+        return False
+
+    def rows(self) -> Iterator[tuple[list[str] | None, int]]:
+        """(fields, first line) per data record; fields None for a malformed one."""
+        width, delimiter = self.width, self.delimiter
+        for fields, taken in self._records():
+            first = taken[0][0]
+            if fields is None:
+                yield None, first
+                continue
+            if len(taken) > 1:  # a quoted line break: the only place a stray quote can hide records
+                candidates = [k for k, cell in enumerate(fields) if "\n" in cell or "\r" in cell]
+                if len(fields) == width:
+                    candidates = [k for k in candidates if swallowed(fields[k], k, width, delimiter)]
+                if any(self._split(fields, taken, k) for k in candidates):
+                    yield None, first
+                    continue
+            yield (fields, first) if len(fields) == width else (None, first)
+
+
+def _careful_frames(path: Path, layout: Layout, chunk_size: int | None, skip_rows: int = 0) -> Iterator[pd.DataFrame]:
+    """The careful reader's rows as frames of ``chunk_size`` rows (one frame when None), with the fast path's column
+    names and cell conventions (strings, empty cells missing) plus the MALFORMED_LINE column; the first
+    ``skip_rows`` rows (already read by the fast path) are left out."""
+    with open(path, "rb") as handle:
+        columns = list(pd.read_csv(handle, nrows=0, **csv_options(layout)).columns)
+    width = len(columns)
+    with open(path, "rb") as handle:
+        check = _DecodeCheck(path, layout, handle)
+        before = _errors_so_far()
+        text = io.TextIOWrapper(handle, encoding=_text_encoding(layout, handle), errors=_error_handler(), newline="")
+        careful = _CarefulReader(text, layout)
+        if careful.width != width:  # the header itself is read differently: nothing sensible can follow
+            raise RecordError(f"{path}: the header row has {careful.width} fields as the csv module reads it and "
+                              f"{width} as pandas reads it; check the file's quoting")
+        rows: list[list[str | None]] = []
+        marks: list[int | None] = []
+        seen = 0
+        empty: list[None] = [None] * width
+        for fields, line in careful.rows():
+            seen += 1
+            if seen <= skip_rows:
+                continue
+            if fields is None:
+                rows.append(empty)
+                marks.append(line)
+            else:
+                rows.append([cell if cell != "" else None for cell in fields])
+                marks.append(None)
+            if chunk_size is not None and len(rows) >= chunk_size:
+                check.after_chunk(_errors_so_far() - before)
+                yield _careful_frame(rows, marks, columns)
+                before = _errors_so_far()
+                rows, marks = [], []
+        check.after_chunk(_errors_so_far() - before)
+        if rows or chunk_size is None:
+            yield _careful_frame(rows, marks, columns)
+
+
+def _careful_frame(rows: list[list[str | None]], marks: list[int | None], columns: list[str]) -> pd.DataFrame:
+    cells = list(zip(*rows)) if rows else [()] * len(columns)
+    frame = pd.DataFrame({index: pd.Series(list(values), dtype=str) for index, values in enumerate(cells)})
+    frame.columns = columns
+    frame[MALFORMED_LINE] = pd.array(marks, dtype="Int64")
+    return frame
+
+
+def malformed_lines(frame: pd.DataFrame) -> np.ndarray | None:
+    """Per row, the file's line where a malformed record began (0 for a well-formed row), or None if the frame was
+    read without the careful reader (every row well-formed)."""
+    if MALFORMED_LINE not in frame.columns:
+        return None
+    return frame[MALFORMED_LINE].fillna(0).to_numpy(dtype=np.int64)
+
+
+def data_columns(frame: pd.DataFrame) -> list:
+    """The export's own columns (without the reader's MALFORMED_LINE)."""
+    return [c for c in frame.columns if c != MALFORMED_LINE]
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Reading
 
 
@@ -494,10 +902,42 @@ def csv_options(layout: Layout) -> dict:
             "encoding": layout.encoding, "encoding_errors": _error_handler(), "skiprows": layout.header_skip or None}
 
 
+class _Vouch:
+    """What the fast path checks on each frame pandas' C parser returns before trusting it (a row with too many
+    fields stops the C parser itself, with a ParserError)."""
+
+    def __init__(self, path: Path, layout: Layout) -> None:
+        self.path, self.layout = path, layout
+        self.widths: bool | None = None  # whether every row has the header's width, once asked
+
+    def clean(self, frame: pd.DataFrame) -> bool:
+        if not isinstance(frame.index, pd.RangeIndex):
+            return False  # a first data row wider than the header: pandas took its first column as the index
+        if frame.shape[1] and frame.iloc[:, -1].isna().any():
+            # The C parser pads a row with too few fields with empty cells, so an empty last cell may be one: the
+            # whole file's widths are checked once (pyarrow), only for files with such cells.
+            if self.widths is None:
+                self.widths = _widths_agree(self.path, self.layout)
+            if not self.widths:
+                return False
+        return not _holds_swallowed(frame, self.layout.delimiter or ",")
+
+
 def _read_csv(path: Path, layout: Layout) -> pd.DataFrame:
-    with open(path, "rb") as handle:
+    frame = None
+    try:
+        with open(path, "rb") as handle:
+            before = _errors_so_far()
+            frame = pd.read_csv(handle, **csv_options(layout))
+            invalid = _errors_so_far() - before
+    except pd.errors.ParserError:
+        frame = None  # a row with too many fields, a quote never closed: the careful reader says which row
+    if frame is not None and not _Vouch(path, layout).clean(frame):
+        frame = None
+    if frame is None:
+        log.debug("%s: read by the careful reader", path)
         before = _errors_so_far()
-        frame = pd.read_csv(handle, **csv_options(layout))
+        frame = next(_careful_frames(path, layout, None))
         invalid = _errors_so_far() - before
     _check_column_names(frame, path, layout)
     chars = path.stat().st_size * layout.chars_per_byte
@@ -507,18 +947,112 @@ def _read_csv(path: Path, layout: Layout) -> pd.DataFrame:
 
 
 def _iter_csv(path: Path, layout: Layout, chunk_size: int) -> Iterator[pd.DataFrame]:
-    with open(path, "rb") as handle:
-        check = _DecodeCheck(path, layout, handle)
-        before = _errors_so_far()  # opening the reader already reads (and decodes) the header
-        with pd.read_csv(handle, chunksize=chunk_size, **csv_options(layout)) as reader:
-            first = True
-            for chunk in reader:
-                check.after_chunk(_errors_so_far() - before)
-                if first:
-                    _check_column_names(chunk, path, layout)
-                    first = False
-                yield _tidy_columns(chunk)
-                before = _errors_so_far()
+    """Chunks of the C parser while the file is clean; the careful reader's from the first chunk the checks cannot
+    vouch for (it skips the rows already given, so chunk k is always the same rows)."""
+    given = 0
+    vouch = _Vouch(path, layout)
+    try:
+        with open(path, "rb") as handle:
+            check = _DecodeCheck(path, layout, handle)
+            before = _errors_so_far()  # opening the reader already reads (and decodes) the header
+            with pd.read_csv(handle, chunksize=chunk_size, **csv_options(layout)) as reader:
+                first = True
+                for chunk in reader:
+                    check.after_chunk(_errors_so_far() - before)
+                    if first:
+                        _check_column_names(chunk, path, layout)
+                        first = False
+                    if not vouch.clean(chunk):
+                        break
+                    yield _tidy_columns(chunk)
+                    given += len(chunk)
+                    before = _errors_so_far()
+                else:
+                    return
+    except pd.errors.ParserError:
+        pass  # a row with too many fields, a quote never closed: the careful reader says which row
+    log.debug("%s: read by the careful reader from row %d", path, given + 1)
+    first = True
+    for chunk in _careful_frames(path, layout, chunk_size, skip_rows=given):
+        if first:
+            _check_column_names(chunk, path, layout)
+            first = False
+        yield _tidy_columns(chunk)
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The non-blank lines of a JSON-lines file with their numbers (1-based)."""
+    with open(path, encoding="utf-8", errors=_error_handler()) as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                yield number, line
+
+
+def _jsonl_frame(lines: list[tuple[int, str]]) -> pd.DataFrame:
+    """Rows of JSON-lines as pandas reads them, a line that is not a JSON object as a malformed row (every cell
+    missing, its line in MALFORMED_LINE)."""
+    good = []
+    for position, (_, line) in enumerate(lines):
+        try:
+            if isinstance(json.loads(line), dict):
+                good.append(position)
+        except ValueError:
+            pass
+    if good:
+        text = "".join(lines[i][1] if lines[i][1].endswith("\n") else lines[i][1] + "\n" for i in good)
+        try:
+            frame = pd.read_json(io.StringIO(text), lines=True, dtype=False)
+        except (ValueError, TypeError):  # a line json accepts and pandas does not: one at a time
+            kept, frames = [], []
+            for i in good:
+                try:
+                    frames.append(pd.read_json(io.StringIO(lines[i][1]), lines=True, dtype=False))
+                    kept.append(i)
+                except (ValueError, TypeError):
+                    pass
+            good = kept
+            frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        frame.index = good
+    else:
+        frame = pd.DataFrame()
+    frame = frame.reindex(range(len(lines)))
+    marks = [None] * len(lines)
+    for position in set(range(len(lines))) - set(good):
+        marks[position] = lines[position][0]
+    frame[MALFORMED_LINE] = pd.array(marks, dtype="Int64")
+    return frame
+
+
+def _iter_jsonl(path: Path, chunk_size: int) -> Iterator[pd.DataFrame]:
+    """pandas' chunks while every line is a JSON object; from the first chunk that is not, the lines one by one
+    (the rows already given skipped), each line that is not a JSON object a malformed row."""
+    given = 0
+    try:
+        for chunk in pd.read_json(path, lines=True, chunksize=chunk_size, dtype=False):
+            yield chunk
+            given += len(chunk)
+        return
+    except (ValueError, TypeError):
+        log.debug("%s: read line by line from row %d", path, given + 1)
+    batch: list[tuple[int, str]] = []
+    seen = 0
+    for item in _jsonl_lines(path):
+        seen += 1
+        if seen <= given:
+            continue
+        batch.append(item)
+        if len(batch) >= chunk_size:
+            yield _jsonl_frame(batch)
+            batch = []
+    if batch:
+        yield _jsonl_frame(batch)
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_json(path, lines=True, dtype=False)
+    except (ValueError, TypeError):
+        return _jsonl_frame(list(_jsonl_lines(path)))
 
 
 def read_frame(path: str | Path, read: ReadOptions | None = None, needed: Sequence[str] = (),
@@ -541,8 +1075,10 @@ def read_frame(path: str | Path, read: ReadOptions | None = None, needed: Sequen
                 frame = pd.read_excel(path, sheet_name=layout.sheet, header=layout.header_skip, dtype=str)
             elif layout.kind == "parquet":
                 frame = pd.read_parquet(path)
+            elif layout.kind == "jsonl":
+                frame = _read_jsonl(path)
             else:
-                frame = pd.read_json(path, lines=layout.kind == "jsonl", dtype=False)
+                frame = pd.read_json(path, dtype=False)
     except RecordError:
         raise
     except Exception as error:  # the reader's own message is the useful part; keep the file name in front
@@ -585,7 +1121,7 @@ def iter_table(path: str | Path, chunk_size: int = 20_000, *, read: ReadOptions 
             for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_size):
                 yield batch.to_pandas()
         elif layout.kind == "jsonl":
-            yield from pd.read_json(path, lines=True, chunksize=chunk_size, dtype=False)
+            yield from _iter_jsonl(path, chunk_size)
         else:  # Excel and whole-document JSON have no streaming reader; they are small by nature.
             frame, _ = read_frame(path, layout=layout)
             for start in range(0, len(frame), chunk_size):
@@ -600,4 +1136,4 @@ def require_columns(frame: pd.DataFrame, columns: Sequence[str], source: str | P
     missing = [column for column in columns if column not in frame.columns]
     if missing:
         raise RecordError(f"{source}: missing column(s) {', '.join(repr(c) for c in missing)}; "
-                          f"the file has {', '.join(map(str, frame.columns))}")
+                          f"the file has {', '.join(map(str, data_columns(frame)))}")

@@ -20,8 +20,8 @@ import pandas as pd
 
 from sanshi_ml.config import ColumnsConfig
 from sanshi_ml.readers import (CSV_SUFFIXES, EXCEL_SUFFIXES, JSONL_SUFFIXES,  # noqa: F401 (re-exported)
-                               PARQUET_SUFFIXES, SUPPORTED_SUFFIXES, Layout, ReadOptions, RecordError, inspect,
-                               iter_table, read_frame, read_table, require_columns)
+                               MALFORMED_LINE, PARQUET_SUFFIXES, SUPPORTED_SUFFIXES, Layout, ReadOptions, RecordError,
+                               inspect, iter_table, malformed_lines, read_frame, read_table, require_columns)
 from sanshi_ml.text import model_input
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,9 @@ class LoadReport:
     rows_read: int = 0
     empty_text_ids: list[str] = field(default_factory=list)
     undecodable_ids: list[str] = field(default_factory=list)
+    # Rows the CSV reader found damaged (a stray quote, too many or too few fields), by their line in the file
+    # ("25001", or "jan.csv:25001" when several exports are loaded as one).
+    malformed_lines: list[str] = field(default_factory=list)
     duplicate_rows: int = 0
     duplicate_groups: int = 0
     missing_labels: dict[str, int] = field(default_factory=dict)
@@ -68,7 +71,7 @@ class LoadReport:
 
     @property
     def rows_kept(self) -> int:
-        return self.rows_read - len(self.empty_text_ids) - len(self.undecodable_ids)
+        return self.rows_read - len(self.empty_text_ids) - len(self.undecodable_ids) - len(self.malformed_lines)
 
     def lines(self) -> list[str]:
         """A short human-readable account, one fact a line."""
@@ -80,6 +83,9 @@ class LoadReport:
         if self.undecodable_ids:
             out.append(f"  skipped {len(self.undecodable_ids)} rows whose text or labels hold undecodable bytes "
                        f"(U+FFFD; ids: {_shown(self.undecodable_ids)})")
+        if self.malformed_lines:
+            out.append(f"  skipped {len(self.malformed_lines)} malformed rows (a stray quote, or too many or too few "
+                       f"fields; lines: {_shown(self.malformed_lines)})")
         if self.duplicate_rows:
             out.append(f"  {self.duplicate_rows} rows repeat an earlier text exactly ({self.duplicate_groups} texts); "
                        "copies are kept on the same side of every split")
@@ -93,6 +99,7 @@ class LoadReport:
     def as_dict(self) -> dict:
         return {"source": self.source, "rows_read": self.rows_read, "rows_kept": self.rows_kept,
                 "empty_text": len(self.empty_text_ids), "undecodable": len(self.undecodable_ids),
+                "malformed": len(self.malformed_lines), "malformed_lines": self.malformed_lines[:100],
                 "duplicate_rows": self.duplicate_rows, "duplicate_groups": self.duplicate_groups,
                 "missing_labels": dict(self.missing_labels), "unparsed_times": self.unparsed_times,
                 "reading": self.reading}
@@ -227,17 +234,20 @@ def to_records(frame: pd.DataFrame, cmap: ColumnMap, source: str | Path, reading
     canon = canonical_frame(frame, cmap, source)
     segmented = cmap.segmented_col is not None
     report = LoadReport(source=str(source), rows_read=len(canon), reading=reading)
+    lines = malformed_lines(frame)
+    malformed = pd.Series(lines > 0 if lines is not None else False, index=canon.index)
+    report.malformed_lines = [str(line) for line in lines[lines > 0]] if lines is not None else []
     content = canon["segmented"] if segmented else canon["title"].str.cat(canon["text"], sep="\n")
-    empty = content.str.strip() == ""
+    empty = ~malformed & (content.str.strip() == "")
     report.empty_text_ids = canon.loc[empty, "id"].tolist()
     # A byte the reader could not decode became U+FFFD; such a row is neither learned from nor measured on (a
     # garbled label would become a class of its own). The reader has already refused a file with many of them.
-    undecodable = ~empty & _holds_undecodable(canon, ["segmented" if segmented else "text", "title",
-                                                      *cmap.targets])
+    undecodable = ~empty & ~malformed & _holds_undecodable(canon, ["segmented" if segmented else "text", "title",
+                                                                    *cmap.targets])
     report.undecodable_ids = canon.loc[undecodable, "id"].tolist()
     if _detect(frame, cmap.time_col, TIME_CANDIDATES):
-        report.unparsed_times = int(canon["received_at"].isna().sum())
-    canon = canon.loc[~(empty | undecodable)].reset_index(drop=True)
+        report.unparsed_times = int(canon.loc[~malformed, "received_at"].isna().sum())
+    canon = canon.loc[~(empty | undecodable | malformed)].reset_index(drop=True)
     return _with_groups(canon, list(cmap.targets), report, segmented)
 
 
@@ -278,14 +288,31 @@ def load_many(paths: Sequence[str | Path], cmap: ColumnMap, read: ReadOptions | 
     """Read several exports (e.g. the original labels and the clerks' feedback export) as one record set."""
     sets = [load_records(path, cmap, read) for path in paths]
     if len(sets) == 1:
-        return sets[0]
-    frame = pd.concat([s.frame.drop(columns="group") for s in sets], ignore_index=True)
-    report = LoadReport(source=" + ".join(str(p) for p in paths), rows_read=sum(s.report.rows_read for s in sets),
-                        reading="; ".join(f"{p}: {s.report.reading}" for p, s in zip(paths, sets) if s.report.reading))
-    report.empty_text_ids = [i for s in sets for i in s.report.empty_text_ids]
-    report.undecodable_ids = [i for s in sets for i in s.report.undecodable_ids]
-    report.unparsed_times = sum(s.report.unparsed_times for s in sets)
-    return _with_groups(frame, sets[0].targets, report, sets[0].segmented)
+        records = sets[0]
+    else:
+        frame = pd.concat([s.frame.drop(columns="group") for s in sets], ignore_index=True)
+        report = LoadReport(source=" + ".join(str(p) for p in paths), rows_read=sum(s.report.rows_read for s in sets),
+                            reading="; ".join(f"{p}: {s.report.reading}" for p, s in zip(paths, sets)
+                                              if s.report.reading))
+        report.empty_text_ids = [i for s in sets for i in s.report.empty_text_ids]
+        report.undecodable_ids = [i for s in sets for i in s.report.undecodable_ids]
+        report.malformed_lines = [f"{Path(p).name}:{line}" for p, s in zip(paths, sets)
+                                  for line in s.report.malformed_lines]
+        report.unparsed_times = sum(s.report.unparsed_times for s in sets)
+        records = _with_groups(frame, sets[0].targets, report, sets[0].segmented)
+    if not len(records):
+        raise RecordError(_nothing_to_use(records.report))
+    return records
+
+
+def _nothing_to_use(report: LoadReport) -> str:
+    """Why a load gave no record to learn from or measure on, naming the export(s)."""
+    if not report.rows_read:
+        return f"{report.source}: no records, only a header (or nothing) below the column names"
+    reasons = [f"{n} {what}" for n, what in ((len(report.empty_text_ids), "with empty text"),
+                                              (len(report.undecodable_ids), "with undecodable bytes"),
+                                              (len(report.malformed_lines), "malformed")) if n]
+    return f"{report.source}: none of its {report.rows_read} rows can be used ({', '.join(reasons)})"
 
 
 def duplicate_groups(content: pd.Series) -> np.ndarray:

@@ -52,7 +52,7 @@ def test_missing_column_names_the_file_and_the_column(tmp_path):
     ("garbage.xlsx", b"this is not a spreadsheet", "cannot be read as xlsx"),
     ("garbage.parquet", b"PAR1 nope", "cannot be read as parquet"),
     ("records.txt.gz", b"x", "unsupported file type"),
-    ("broken.jsonl", b'{"a": 1}\n{not json\n', "cannot be read as jsonl"),
+    ("broken.json", b'{"a": [1, 2', "cannot be read as json"),  # a broken JSON-lines line is a malformed row instead
 ])
 def test_unreadable_files_get_an_error_naming_the_file(tmp_path, name, content, message):
     path = tmp_path / name

@@ -199,3 +199,68 @@ def test_dask_reads_a_gb18030_archive_like_the_local_run(archives, demo_model_di
     on_dask = score([gb], demo_model_dir, tmp_path / "dask.parquet", dask="local:2", progress=False)
     table = pq.read_table(on_dask.out).replace_schema_metadata(None)
     pd.testing.assert_frame_equal(table.to_pandas(), local.replace_schema_metadata(None).to_pandas())
+
+
+# ---------------------------------------------------------------------------------- damaged rows, legitimate cells
+
+
+def _real_csvs() -> list[Path]:
+    from tests.conftest import SHARED_DATA
+
+    return sorted(SHARED_DATA.glob("*/*.csv"))
+
+
+@pytest.mark.parametrize("name", ["petitions_silver.csv", "fj2_segmented.csv", "fj3_unlabeled.csv",
+                                  "fj4_replies_with_derived_unit.csv"])
+def test_real_exports_with_multiline_cells_are_read_by_the_fast_path_and_the_careful_reader_alike(petitions_csv,
+                                                                                                  name):
+    """The real texts hold line breaks (up to 39 in a cell): none of them is taken for swallowed records, and the
+    careful reader, which a damaged file is read with, gives the fast path's frame cell for cell."""
+    from sanshi_ml.readers import MALFORMED_LINE, _careful_frames, iter_table, read_table
+
+    path = next(p for p in _real_csvs() if p.name == name)
+    fast = read_table(path)
+    assert MALFORMED_LINE not in fast.columns and fast.apply(lambda c: c.str.contains("\n").sum()).sum() > 10
+    assert all(MALFORMED_LINE not in chunk.columns for chunk in iter_table(path, chunk_size=500))
+    careful = next(_careful_frames(path, inspect(path), None))
+    assert careful[MALFORMED_LINE].isna().all()
+    pd.testing.assert_frame_equal(careful.drop(columns=MALFORMED_LINE), fast)
+
+
+@pytest.mark.parametrize("width", [2, 3, 4, 6])
+def test_real_multiline_texts_in_narrow_exports_are_never_flagged(petitions_csv, tmp_path, width):
+    """The fewer the columns, the more a line of prose with ASCII commas looks like a row: every real message (title
+    and text, so every cell spans lines) in an export of 2 to 6 columns, in each position, reads back unchanged,
+    with no malformed row (a cell the fast path is unsure of sends the file to the careful reader, which decides)."""
+    from sanshi_ml.readers import MALFORMED_LINE, malformed_lines, read_table
+
+    messages = pd.read_csv(petitions_csv, dtype=str, keep_default_na=False)
+    columns = {"编号": messages["留言编号"], "内容": messages["留言主题"] + "\n" + messages["留言详情"],
+               "受理时间": messages["留言时间"], "标题": messages["留言主题"], "一级分类": messages["一级分类"],
+               "三事": messages["三事"]}
+    for text_column in range(width):  # the texts in every position, first and last included
+        names = [n for n in columns if n != "内容"][:width - 1]
+        names.insert(text_column, "内容")
+        frame = pd.DataFrame({n: columns[n] for n in names})
+        path = tmp_path / f"narrow{width}_{text_column}.csv"
+        frame.to_csv(path, index=False)
+        read = read_table(path)
+        lines = malformed_lines(read)
+        assert lines is None or not lines.any()
+        pd.testing.assert_frame_equal(read.drop(columns=MALFORMED_LINE, errors="ignore").fillna(""), frame,
+                                      check_dtype=False)
+
+
+def test_a_stray_quote_in_a_real_export_loses_no_record(petitions_csv, tmp_path):
+    """The hostile probe: one stray quote in a real export silently swallowed the records after it."""
+    text = petitions_csv.read_text(encoding="utf-8")
+    ids = pd.read_csv(petitions_csv, dtype=str, keep_default_na=False)["留言编号"].tolist()
+    victim = ids[5_000]
+    at = text.index(f"\n{victim},") + 1
+    bad = tmp_path / "petitions_stray_quote.csv"
+    bad.write_text(text[:at] + '"' + text[at:], encoding="utf-8")
+    assert len(pd.read_csv(bad, dtype=str)) < len(ids)  # pandas alone
+    records = load_records(bad, CMAP)
+    report = records.report
+    assert report.rows_read == len(ids) and report.malformed_lines == [str(text.count("\n", 0, at) + 1)]
+    assert records.frame["id"].tolist() == [i for i in ids if i != victim]
