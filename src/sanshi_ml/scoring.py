@@ -10,7 +10,13 @@ A local run reads the inputs in chunks of a fixed size, so chunk *k* is always t
 written atomically (temporary file + ``os.replace``) into ``<out>.parts/`` and then checkpointed with a small JSON
 marker. ``--resume`` skips every chunk whose part and marker exist, after checking that the run's fingerprint (model,
 policy, inputs, chunk size, columns) is the one recorded; the final file is assembled from the parts in order, so it
-holds every input record exactly once.
+holds every input record exactly once. A CSV row the reader found damaged keeps its place with status
+``malformed``, so the output still has one row per input record.
+
+A run holds a lock on its output for its whole length (:func:`sanshi_ml.outputs.output_lock`), so a second run on
+the same ``--out``, ``--resume`` included, refuses instead of writing into the first's parts; everything a run writes
+besides the output itself (parts, checkpoints, the assembly's temporary file) lives in the parts directory, which the
+finished run removes.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ import pandas as pd
 import pyarrow as pa
 
 from sanshi_ml.artifacts import atomic_write_bytes
+from sanshi_ml.outputs import OutputError, check_writable, output_lock, writing
+from sanshi_ml.readers import MALFORMED_LINE, data_columns, malformed_lines
 from sanshi_ml.records import (CSV_SUFFIXES, EXCEL_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES, ColumnMap, Layout,
                                ReadOptions, RecordError, canonical_frame, header_columns, inspect, iter_table,
                                resolve_columns)
@@ -47,6 +55,9 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 PART_FORMAT = "{:06d}"
+ASSEMBLY_FILE = ".assembling"  # in the parts directory: the output being assembled, renamed onto it when complete
+STATUS_MALFORMED = "malformed"  # a CSV row the reader found damaged (a stray quote, too many or too few fields)
+ASSEMBLY_PAUSE_ENV = "SANSHI_TEST_ASSEMBLY_PAUSE"  # tests: seconds to wait before the assembled file is renamed
 SCORE_BATCH = 2048  # rows per call to score_frame: bounds the memory of tokens and feature matrices per worker
 OUTPUT_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
 
@@ -146,6 +157,9 @@ def score_chunk(raw: pd.DataFrame, suggester: Suggester, spec: ScoringSpec, sour
     raw, problems = _sanitised(raw, spec)
     canon = canonical_frame(raw, spec.columns, source, row_offset)
     statuses = _row_statuses(raw, canon, spec, problems)
+    lines = malformed_lines(raw)
+    malformed = np.flatnonzero(lines) if lines is not None else np.empty(0, dtype=np.int64)
+    statuses[malformed] = STATUS_MALFORMED
     good = np.flatnonzero(statuses == STATUS_OK)
     texts = [model_input(title, text) for title, text in zip(canon["title"].to_numpy()[good],
                                                               canon["text"].to_numpy()[good])]
@@ -153,9 +167,12 @@ def score_chunk(raw: pd.DataFrame, suggester: Suggester, spec: ScoringSpec, sour
     schema = output_schema(suggester, spec.keep_cols)
     n = len(canon)
     ids = canon["id"].astype(object).to_numpy()
+    name = Path(str(source)).name
     if spec.prefix_row_ids and not spec.columns.id_col:
-        name = Path(str(source)).name
         ids = np.asarray([f"{name}:{i}" for i in ids], dtype=object)
+    if len(malformed):  # no cell of a damaged row can be trusted, its id neither: its line in the file instead
+        ids = ids.copy()
+        ids[malformed] = [f"{name}:line{lines[i]}" if spec.prefix_row_ids else f"line{lines[i]}" for i in malformed]
     arrays: dict[str, pa.Array] = {"id": pa.array(ids, type=pa.string()),
                                    "received_at": _timestamps(canon["received_at"])}
     for column in spec.keep_cols:
@@ -228,17 +245,22 @@ def read_layouts(paths: Sequence[Path], spec: ScoringSpec, read: ReadOptions | N
     return {path: inspect(path, read, needed) for path in paths}
 
 
-def check_columns(paths: Sequence[Path], spec: ScoringSpec, layouts: dict[Path, Layout] | None = None) -> None:
-    """Fail before any work if an input lacks a needed column, naming the file and the column."""
+def check_columns(paths: Sequence[Path], spec: ScoringSpec, layouts: dict[Path, Layout] | None = None) -> list[Path]:
+    """Fail before any work if an input lacks a needed column, naming the file and the column. Returns the inputs
+    that hold no records (only a header)."""
+    empty = []
     for path in paths:
         first = next(iter_table(path, chunk_size=1, layout=(layouts or {}).get(path)), None)
-        if first is None:
-            continue
+        if first is None or not len(first):
+            empty.append(path)
+            if first is None:
+                continue
         resolve_columns(first, spec.columns, path)
         missing = [c for c in spec.keep_cols if c not in first.columns]
         if missing:
             raise RecordError(f"{path}: missing column(s) {', '.join(map(repr, missing))} given to --keep-cols; "
-                              f"the file has {', '.join(map(str, first.columns))}")
+                              f"the file has {', '.join(map(str, data_columns(first)))}")
+    return empty
 
 
 def _file_fingerprint(path: Path) -> dict:
@@ -361,19 +383,21 @@ def write_part(parts_dir: Path, chunk: Chunk, frame: pd.DataFrame, schema: pa.Sc
 
     part, marker = part_paths(parts_dir, chunk.index)
     table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
-    fd, tmp = tempfile.mkstemp(dir=parts_dir, prefix=f".{part.name}.")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, part)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(part, "a part of the scored output"):
+        fd, tmp = tempfile.mkstemp(dir=parts_dir, prefix=f".{part.name}.")
+        os.close(fd)
+        try:
+            pq.write_table(table, tmp, compression="zstd")
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, part)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     done = {"chunk": chunk.index, "source": str(chunk.source), "row_offset": chunk.row_offset, "rows": len(frame),
             "status": dict(Counter(frame["status"].tolist()))}
-    atomic_write_bytes(marker, json.dumps(done, ensure_ascii=False).encode("utf-8"))
+    with writing(marker, "a checkpoint"):
+        atomic_write_bytes(marker, json.dumps(done, ensure_ascii=False).encode("utf-8"))
     return done
 
 
@@ -394,17 +418,22 @@ def read_marker(parts_dir: Path, index: int) -> dict | None:
 
 
 def assemble(parts_dir: Path, n_chunks: int, out: Path, fmt: str, schema: pa.Schema) -> int:
-    """Concatenate the parts in chunk order into ``out`` (written to a temporary file, then renamed)."""
+    """Concatenate the parts in chunk order into ``out``: written to a temporary file in the parts directory (beside
+    ``out``, so on its file system), then renamed. A run killed while assembling leaves that file in the parts
+    directory, which the resumed run removes with the rest."""
+    with writing(out, "the scored output"):
+        return _assemble(parts_dir, n_chunks, out, fmt, schema)
+
+
+def _assemble(parts_dir: Path, n_chunks: int, out: Path, fmt: str, schema: pa.Schema) -> int:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-    os.close(fd)
+    tmp = parts_dir / ASSEMBLY_FILE
     rows = 0
     try:
         if fmt == "parquet":
-            with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            with pq.ParquetWriter(str(tmp), schema, compression="zstd") as writer:
                 for index in range(n_chunks):
                     table = pq.read_table(part_paths(parts_dir, index)[0], schema=schema)
                     writer.write_table(table)
@@ -426,9 +455,11 @@ def assemble(parts_dir: Path, n_chunks: int, out: Path, fmt: str, schema: pa.Sch
                                                  pc.strftime(seconds, format="%Y-%m-%d %H:%M:%S"))
                         writer.write_table(table)
                         rows += table.num_rows
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; the archive gets the usual permissions
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        pause = os.environ.get(ASSEMBLY_PAUSE_ENV)
+        if pause:  # lets a test kill the run at the worst moment: the output complete, not yet in place
+            time.sleep(float(pause))
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -557,12 +588,16 @@ def _prepare_parts_dir(parts_dir: Path, fingerprint: dict, resume: bool, overwri
         if difference:
             raise ScoringError(f"refusing to resume: {difference} differ from the interrupted run recorded in "
                                f"{run_file}; finish it with the same options, or pass --overwrite to start again")
+        # What the interrupted run was writing when it died (a part, the assembly): no run holds them now (the lock).
+        for stale in parts_dir.glob(".*"):
+            stale.unlink(missing_ok=True)
         return
-    if parts_dir.exists():
-        shutil.rmtree(parts_dir)
-    parts_dir.mkdir(parents=True)
-    atomic_write_bytes(run_file, json.dumps({"fingerprint": fingerprint, "started_at": time.time()},
-                                             ensure_ascii=False, indent=2).encode("utf-8"))
+    with writing(parts_dir, "the run's parts"):
+        if parts_dir.exists():
+            shutil.rmtree(parts_dir)
+        parts_dir.mkdir(parents=True)
+        atomic_write_bytes(run_file, json.dumps({"fingerprint": fingerprint, "started_at": time.time()},
+                                                 ensure_ascii=False, indent=2).encode("utf-8"))
 
 
 def _progress_bar(total: int | None, exact: bool, initial: int, enabled: bool):
@@ -587,10 +622,25 @@ def score(inputs: Sequence[str | Path], model_dir: str | Path, out: str | Path, 
     say = say or log.info
     if chunk_size < 1:
         raise ScoringError(f"--chunk-size must be at least 1, got {chunk_size}")
-    from sanshi_ml.artifacts import load_model
-
     paths = expand_inputs(inputs)
     out = Path(out)
+    if not dask:
+        output_format(out)
+        if out.exists() and out.is_dir():
+            raise ScoringError(f"{out} is a directory; give a file name ending in .parquet or .csv")
+    check_writable(out.parent, "scored output")  # before the work, not when the first part is written
+    with output_lock(out):  # held until the run ends, so a second run on this output refuses instead of interfering
+        return _score(paths, model_dir, out, columns=columns, chunk_size=chunk_size, jobs=jobs, resume=resume,
+                      dask=dask, keep_cols=keep_cols, max_text_chars=max_text_chars, policy_path=policy_path,
+                      overwrite=overwrite, progress=progress, keep_parts=keep_parts, read=read, say=say)
+
+
+def _score(paths: list[Path], model_dir: str | Path, out: Path, *, columns: ColumnMap | None, chunk_size: int,
+           jobs: int, resume: bool, dask: str | None, keep_cols: Sequence[str], max_text_chars: int,
+           policy_path: str | None, overwrite: bool, progress: bool, keep_parts: bool, read: ReadOptions | None,
+           say: Callable[[str], None]) -> ScoreResult:
+    from sanshi_ml.artifacts import load_model
+
     loaded = load_model(model_dir)  # integrity-checked before anything else happens
     spec = ScoringSpec(columns=columns or model_columns(loaded.metadata), max_text_chars=max_text_chars,
                        keep_cols=tuple(keep_cols), prefix_row_ids=len(paths) > 1)
@@ -598,7 +648,12 @@ def score(inputs: Sequence[str | Path], model_dir: str | Path, out: str | Path, 
     for path, layout in layouts.items():
         if layout.summary():
             say(f"{path}: {layout.summary()}")
-    check_columns(paths, spec, layouts)
+    empty = check_columns(paths, spec, layouts)
+    if len(empty) == len(paths):
+        names = ", ".join(map(str, empty))
+        raise ScoringError(f"{names}: no records to score, only a header (or nothing) below the column names")
+    for path in empty:
+        say(f"{path}: no records, only a header")
     suggester = Suggester.from_loaded(loaded, policy_path)
     _check_keep_cols(suggester, spec.keep_cols)
     if dask:
@@ -608,8 +663,6 @@ def score(inputs: Sequence[str | Path], model_dir: str | Path, out: str | Path, 
         return score_dask(paths, loaded, suggester, spec, out, dask, overwrite=overwrite, say=say, layouts=layouts)
 
     fmt = output_format(out)
-    if out.exists() and out.is_dir():
-        raise ScoringError(f"{out} is a directory; give a file name ending in .parquet or .csv")
     schema = output_schema(suggester, spec.keep_cols)
     parts_dir = parts_dir_for(out)
     fingerprint = run_fingerprint(paths, loaded.metadata["artifact"]["sha256"], suggester.policy.sha256,
@@ -790,15 +843,27 @@ def _dask_frame(path: Path, layout: Layout | None = None):
     if suffix in PARQUET_SUFFIXES:
         return dd.read_parquet(str(path), split_row_groups=True)
     if suffix in CSV_SUFFIXES:
-        from sanshi_ml.readers import read_table
-
         layout = layout or inspect(path)
         # One partition per CSV file (a block boundary could fall inside a quoted cell that spans lines), read on
         # the worker by the same reader as a local run, with the layout decided here: encoding, delimiter, header
-        # row, and the check that the file decodes.
-        meta = next(iter_table(path, chunk_size=1, layout=layout)).iloc[:0]
-        return dd.from_map(read_table, [str(path)], layout=layout, meta=meta)
+        # row, and the check that the file decodes. Every partition carries the reader's MALFORMED_LINE column, so
+        # its columns are the meta's whether or not the file held a damaged row.
+        meta = _with_line_column(next(iter_table(path, chunk_size=1, layout=layout)).iloc[:0])
+        return dd.from_map(_read_csv_partition, [str(path)], layout=layout, meta=meta)
     raise ScoringError(f"{path}: --dask reads Parquet or CSV; convert {suffix} files first")
+
+
+def _with_line_column(frame: pd.DataFrame) -> pd.DataFrame:
+    if MALFORMED_LINE in frame.columns:
+        return frame
+    return frame.assign(**{MALFORMED_LINE: pd.array([pd.NA] * len(frame), dtype="Int64")})
+
+
+def _read_csv_partition(path: str, layout: Layout) -> pd.DataFrame:
+    """A CSV input as one Dask partition: the local run's reader, with the MALFORMED_LINE column always there."""
+    from sanshi_ml.readers import read_table
+
+    return _with_line_column(read_table(path, layout=layout))
 
 
 def connect(scheduler: str):
@@ -860,8 +925,9 @@ def score_dask(paths: Sequence[Path], loaded, suggester: Suggester, spec: Scorin
                                       meta=empty_output(suggester, spec.keep_cols), align_dataframes=False)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
-        scored.to_parquet(str(out), schema=output_schema(suggester, spec.keep_cols), write_index=False,
-                          compression="zstd")
+        with writing(out, "the scored output"):
+            scored.to_parquet(str(out), schema=output_schema(suggester, spec.keep_cols), write_index=False,
+                              compression="zstd")
     finally:
         client.close()
         if cluster is not None:

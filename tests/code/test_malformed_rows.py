@@ -18,6 +18,7 @@ import pytest
 
 from sanshi_ml.readers import MALFORMED_LINE, RecordError, iter_table, malformed_lines, read_table, swallowed
 from sanshi_ml.records import ColumnMap, load_many
+from sanshi_ml.scoring import parts_dir_for, score
 from tests.conftest import DEMO_CSV
 
 N = 300
@@ -136,6 +137,34 @@ def test_load_report_counts_malformed_rows_by_line_and_skips_them(clean, tmp_pat
     assert report.as_dict()["malformed"] == 1
     both = load_many([bad, path], CMAP).report  # several exports: lines named with their file
     assert both.malformed_lines == [f"damaged.csv:{line_of(text, 'R0141')}"] and both.rows_read == 2 * N
+
+
+def test_scoring_gives_a_damaged_row_status_malformed_and_resumes_through_it(clean, tmp_path, demo_model_dir):
+    path, text = clean
+    at = field_start(text, "R0141", 0)
+    bad = damaged(tmp_path, text[:at] + '"' + text[at:])
+    out = tmp_path / "scored.parquet"
+    result = score([bad], demo_model_dir, out, chunk_size=50, jobs=1, progress=False)
+    scored = pd.read_parquet(out)
+    assert result.rows == len(scored) == N and result.status["malformed"] == 1
+    row = scored.iloc[141]
+    assert row["status"] == "malformed" and row["id"] == f"line{line_of(text, 'R0141')}" and pd.isna(row["sanshi"])
+    assert scored["id"].tolist()[:141] == [f"R{i:04d}" for i in range(141)]
+    assert scored["id"].tolist()[142:] == [f"R{i:04d}" for i in range(142, N)]
+
+    # An interrupted run resumed: the chunks after the damage are the same rows, read again by the careful reader.
+    again = tmp_path / "again.parquet"
+    score([bad], demo_model_dir, again, chunk_size=50, jobs=1, progress=False, keep_parts=True)
+    for part in sorted(parts_dir_for(again).glob("00000[2-5].*")):
+        part.unlink()
+    score([bad], demo_model_dir, again, chunk_size=50, jobs=1, progress=False, resume=True)
+    pd.testing.assert_frame_equal(pd.read_parquet(again), scored)
+
+    # Several inputs: the line is named with its file.
+    both = score([bad, path], demo_model_dir, tmp_path / "both.parquet", jobs=1, progress=False)
+    assert both.rows == 2 * N and both.status["malformed"] == 1
+    assert "damaged.csv:line" in set(pd.read_parquet(tmp_path / "both.parquet")["id"].str.replace(r"\d+$", "",
+                                                                                                   regex=True))
 
 
 def test_a_jsonl_line_that_is_not_a_json_object_is_a_malformed_row(tmp_path):

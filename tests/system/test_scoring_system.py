@@ -95,13 +95,19 @@ def test_dask_local_cluster_output_equals_the_single_machine_output(demo_model_d
     # CSV files without an id column: Dask partitions must still number rows the way the local run does.
     for name, part in (("a.csv", demo.iloc[:250]), ("b.csv", demo.iloc[250:])):
         part.drop(columns="工单编号").to_csv(tmp_path / name, index=False)
+    # A damaged row in b.csv (line 11, too many fields): read by the same careful reader on a Dask worker.
+    lines = (tmp_path / "b.csv").read_text(encoding="utf-8").split("\n")
+    lines[10] += ",多余的一列"
+    (tmp_path / "b.csv").write_text("\n".join(lines), encoding="utf-8")
     columns = ColumnMap(text_cols=("标题", "诉求内容"), time_col="受理时间")
     inputs = [tmp_path / "a.csv", tmp_path / "b.csv"]
     local = score(inputs, demo_model_dir, tmp_path / "local_csv.parquet", columns=columns, jobs=1, progress=False)
     on_dask = score(inputs, demo_model_dir, tmp_path / "dask_csv.parquet", columns=columns, dask="local:2",
                     progress=False)
     expected = _plain(local.out)
-    assert expected["id"].iloc[[0, 250]].tolist() == ["a.csv:row1", "b.csv:row1"]
+    assert expected["id"].iloc[[0, 250, 259, 260]].tolist() == ["a.csv:row1", "b.csv:row1", "b.csv:line11",
+                                                                 "b.csv:row11"]
+    assert (expected["status"] == "malformed").sum() == 1 and len(expected) == len(demo)
     pd.testing.assert_frame_equal(_plain(on_dask.out), expected)
 
 
@@ -125,3 +131,59 @@ def test_batch_scoring_gives_the_servers_answer(demo_model_dir, tmp_path):
         assert float(row[f"{target}_confidence"]) == pytest.approx(field["confidence"], rel=1e-6)
         assert bool(row[f"{target}_needs_review"]) == field["needs_review"]
     assert row["sanshi_colour"] == body["fields"]["sanshi"]["sanshi"]["colour"]
+
+
+def _wait_for(path: Path, victim: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert victim.poll() is None, f"the run ended before it reached {path.name}: {victim.communicate()}"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_kill_9_during_assembly_then_resume_leaves_nothing_behind(archive, demo_model_dir, tmp_path):
+    out_dir = tmp_path / "scored"
+    out_dir.mkdir()
+    out = out_dir / "scored.csv"
+    parts = out_dir / "scored.csv.parts"
+    # The test hook holds the run after the assembled output is complete and before it is renamed into place.
+    victim = run_score(archive, demo_model_dir, out, env={**os.environ, "SANSHI_TEST_ASSEMBLY_PAUSE": "120"})
+    _wait_for(parts / ".assembling", victim)
+    time.sleep(0.5)
+    os.kill(victim.pid, signal.SIGKILL)  # a real kill -9 of the scoring process, mid-assembly
+    victim.communicate()
+    assert victim.returncode == -signal.SIGKILL and not out.exists()
+
+    resumed = run_score(archive, demo_model_dir, out, "--resume")
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert "40 of 40 chunks from the checkpoint" in stderr
+    assert sorted(p.name for p in out_dir.iterdir()) == ["scored.csv"]  # no parts, no temporary file, no lock
+    scored = pd.read_csv(out, dtype=str, encoding="utf-8-sig")
+    assert scored["id"].tolist() == pd.read_csv(archive, dtype=str)["工单编号"].tolist()
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(archive, demo_model_dir, tmp_path):
+    from sanshi_ml.outputs import OutputError
+
+    out = tmp_path / "scored.parquet"
+    parts = tmp_path / "scored.parquet.parts"
+    first = run_score(archive, demo_model_dir, out, env={**os.environ, "SANSHI_TEST_ASSEMBLY_PAUSE": "120"})
+    while len(list(parts.glob("*.done.json"))) < 3:  # the first run is scoring: it holds the lock
+        assert first.poll() is None, first.communicate()
+        time.sleep(0.02)
+    for options in ({}, {"resume": True}, {"overwrite": True}):
+        with pytest.raises(OutputError, match=r"another sanshi-ml score run \(process \d+\) is writing this output"):
+            score([archive], demo_model_dir, out, chunk_size=100, jobs=1, progress=False, **options)
+    second = run_score(archive, demo_model_dir, out, "--overwrite")
+    _, stderr = second.communicate(timeout=120)
+    assert second.returncode == 2 and "another sanshi-ml score run" in stderr and "Traceback" not in stderr
+    _wait_for(parts / ".assembling", first)  # the first run went on undisturbed, to its assembly
+    assert len(list(parts.glob("*.done.json"))) == 40
+    os.kill(first.pid, signal.SIGKILL)  # a dead holder's lock is released by the kernel
+    first.communicate()
+    result = score([archive], demo_model_dir, out, chunk_size=100, jobs=1, progress=False, resume=True)
+    assert result.rows == 4_000 and result.resumed_chunks == 40
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scored.parquet"]
