@@ -75,6 +75,10 @@ def friendly_errors(func: Callable) -> Callable:
         except _known_errors() as error:
             typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
             raise typer.Exit(code=2) from None
+        except OSError as error:  # a full disk, a file-size limit, a permission the commands did not check first
+            where = f"{error.filename}: " if error.filename else ""
+            typer.secho(f"error: {where}{error.strerror or error}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=2) from None
 
     return wrapper
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from sanshi_ml.config import Params
+from sanshi_ml.outputs import check_writable, writing
 from sanshi_ml.records import ColumnMap, ReadOptions, RecordSet, load_many
 
 log = logging.getLogger(__name__)
@@ -66,24 +67,27 @@ def prepare(data: Sequence[str | Path], params: Params, out_dir: str | Path | No
     say = progress or log.info
     cmap = ColumnMap.from_config(params.data.columns)
     out_dir = Path(out_dir or params.prepare.out_dir)
+    check_writable(out_dir, "prepared records")
     records = load_many([str(p) for p in data], cmap, ReadOptions.from_config(params.data))
     for line in records.report.lines():
         say(line)
     frame = export_frame(records, cmap)
-    out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / PREPARED_FILE
-    # Written beside the target and renamed, so an interrupted run never leaves half a file for train to read.
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{PREPARED_FILE}.")
-    os.close(fd)
-    try:
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(target, "the prepared records"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # Written beside the target and renamed, so an interrupted run never leaves half a file for train to read.
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{PREPARED_FILE}.")
+        os.close(fd)
+        try:
+            frame.to_parquet(tmp, index=False)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     report = {"sources": [str(p) for p in data], "output": str(target), "rows": len(frame),
               "data_sha256": records.content_hash(), "load_report": records.report.as_dict(),
               "labels": label_counts(records)}
-    (out_dir / REPORT_FILE).write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    with writing(out_dir / REPORT_FILE):
+        (out_dir / REPORT_FILE).write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
     say(f"wrote {len(frame)} records to {target} (data sha256 {report['data_sha256'][:12]})")
     return report

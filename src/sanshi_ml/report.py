@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from sanshi_ml.outputs import check_writable, writing
 from sanshi_ml.policy import TriagePolicy, load_policy
 from sanshi_ml.records import RecordError
 
@@ -58,23 +59,44 @@ def scored_files(path: str | Path) -> list[Path]:
     return [path]
 
 
-def _columns_of(path: Path) -> list[str]:
-    if path.suffix.lower() == ".csv":
-        return list(pd.read_csv(path, nrows=0, encoding="utf-8-sig").columns)
-    import pyarrow.parquet as pq
+def _unreadable(path: Path, error: Exception) -> RecordError:
+    kind = "CSV" if path.suffix.lower() == ".csv" else "Parquet"
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return RecordError(f"{path}: not a scored archive: it cannot be read as {kind} ({detail})")
 
-    return list(pq.ParquetFile(path).schema_arrow.names)
+
+def _reading_errors() -> tuple[type[BaseException], ...]:
+    import pyarrow as pa
+
+    return (pa.ArrowException, OSError, ValueError, UnicodeError, pd.errors.ParserError, pd.errors.EmptyDataError)
+
+
+def _columns_of(path: Path) -> list[str]:
+    if path.stat().st_size == 0:
+        raise RecordError(f"{path}: the file is empty, not a scored archive (write one with `sanshi-ml score`)")
+    try:
+        if path.suffix.lower() == ".csv":
+            return list(pd.read_csv(path, nrows=0, encoding="utf-8-sig").columns)
+        import pyarrow.parquet as pq
+
+        return list(pq.ParquetFile(path).schema_arrow.names)
+    except _reading_errors() as error:
+        raise _unreadable(path, error) from None
 
 
 def _batches(path: Path, columns: list[str], size: int = 200_000) -> Iterator[pd.DataFrame]:
-    if path.suffix.lower() == ".csv":
-        yield from pd.read_csv(path, usecols=columns, chunksize=size, encoding="utf-8-sig", dtype=str,
-                               keep_default_na=False, na_values=[""])
-        return
-    import pyarrow.parquet as pq
+    """The columns of a scored file in batches; a file damaged further on is one error naming it."""
+    try:
+        if path.suffix.lower() == ".csv":
+            yield from pd.read_csv(path, usecols=columns, chunksize=size, encoding="utf-8-sig", dtype=str,
+                                   keep_default_na=False, na_values=[""])
+            return
+        import pyarrow.parquet as pq
 
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=size, columns=columns):
-        yield batch.to_pandas()
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=size, columns=columns):
+            yield batch.to_pandas()
+    except _reading_errors() as error:
+        raise _unreadable(path, error) from None
 
 
 def _as_bool(series: pd.Series) -> pd.Series:
@@ -99,6 +121,11 @@ def tally(path: str | Path, unit_target: str | None = "unit") -> tuple[Tally, li
     targets, sanshi = targets_of(columns)
     if not targets or "status" not in columns:
         raise RecordError(f"{files[0]}: not a scored archive (no T / T_confidence / T_needs_review / status columns)")
+    for other in files[1:]:
+        missing = [c for c in columns if c not in _columns_of(other)]
+        if missing:
+            raise RecordError(f"{other}: not a part of the same scored archive as {files[0]} (no column "
+                              f"{', '.join(map(repr, missing))})")
     unit = unit_target if unit_target in targets else None
     wanted = ["status", *targets, *(f"{t}_needs_review" for t in targets)]
     has_time = "received_at" in columns
@@ -318,15 +345,18 @@ def report(scored: str | Path, out_dir: str | Path, *, policy_path: str | None =
     """Write the counts (CSV) and charts (PNG) of a scored archive to ``out_dir``."""
     say = say or log.info
     policy = load_policy(policy_path)
-    counts, targets, sanshi, unit = tally(scored, policy.unit_target)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir, "report")
+    counts, targets, sanshi, unit = tally(scored, policy.unit_target)
+    with writing(out_dir, "the report"):
+        out_dir.mkdir(parents=True, exist_ok=True)
     csv: list[Path] = []
     png: list[Path] = []
 
     def write(frame: pd.DataFrame, name: str) -> pd.DataFrame:
         path = out_dir / name
-        frame.to_csv(path, index=False, encoding="utf-8-sig")  # BOM: spreadsheet programs then read the Chinese
+        with writing(path):
+            frame.to_csv(path, index=False, encoding="utf-8-sig")  # BOM: spreadsheet programs read the Chinese
         csv.append(path)
         return frame
 
@@ -336,13 +366,14 @@ def report(scored: str | Path, out_dir: str | Path, *, policy_path: str | None =
     months = write(month_table(counts, classes), "counts_month.csv")
     review = write(review_table(counts, targets), "review.csv")
     write(status_table(counts), "status.csv")
-    if sanshi and counts.scored:
-        png.append(monthly_chart(months, classes, policy, out_dir / "monthly_sanshi.png"))
-    if unit and sanshi and counts.scored:
-        units = write(unit_table(counts, classes, top_units), "top_units.csv")
-        png.append(units_chart(units, classes, policy, out_dir / "top_units.png"))
-    if counts.scored:
-        png.append(review_chart(review, out_dir / "review_share.png"))
+    with writing(out_dir, "the report's charts"):
+        if sanshi and counts.scored:
+            png.append(monthly_chart(months, classes, policy, out_dir / "monthly_sanshi.png"))
+        if unit and sanshi and counts.scored:
+            units = write(unit_table(counts, classes, top_units), "top_units.csv")
+            png.append(units_chart(units, classes, policy, out_dir / "top_units.png"))
+        if counts.scored:
+            png.append(review_chart(review, out_dir / "review_share.png"))
     result = ReportResult(out_dir, counts.rows, counts.scored, csv, png)
     for line in result.lines():
         say(line)

@@ -32,6 +32,7 @@ from sanshi_ml.estimate import (
 )
 from sanshi_ml.evaluate import cross_validate, evaluate_model, headline, write_report
 from sanshi_ml.model import TargetPredictions, TriageModel
+from sanshi_ml.outputs import check_writable, writing
 from sanshi_ml.policy import load_policy
 from sanshi_ml.records import ColumnMap, ReadOptions, RecordSet, load_many, split_indices, subset
 
@@ -118,6 +119,7 @@ def train(data: Sequence[str | Path], params: Params, model_dir: str | Path | No
     ``params.train.model_dir``)."""
     say = progress or log.info
     model_dir = Path(model_dir or params.train.model_dir)
+    check_writable(model_dir, "model")  # a read-only location fails now, not at the save after all the fitting
     policy = _policy_record(params)  # fail on a broken 责任清单 before spending time on training
     records = load_many([str(p) for p in data], column_map(params), ReadOptions.from_config(params.data))
     for line in records.report.lines():
@@ -128,7 +130,8 @@ def train(data: Sequence[str | Path], params: Params, model_dir: str | Path | No
     found = estimate(model, records)
     metrics = evaluate_model(model, records, params.evaluate.reliability_bins, found.predictions,
                              uncalibrated=found.uncalibrated)
-    model_dir.mkdir(parents=True, exist_ok=True)
+    with writing(model_dir, "the model"):
+        model_dir.mkdir(parents=True, exist_ok=True)
     estimate_record = {"source": OUT_OF_FOLD, "description": describe_estimate(found.folds, len(records)),
                        "folds": found.folds, "rows": len(records),
                        **_write_outcomes(model_dir / ESTIMATE_FILE, records, found.predictions, found.uncalibrated)}
@@ -145,19 +148,20 @@ def train(data: Sequence[str | Path], params: Params, model_dir: str | Path | No
         holdout_record = {"source": HOLDOUT, "description": holdout.describe(len(records)), "share": holdout.share,
                           "seed": holdout.seed, "rows": len(holdout.records), "metrics": headline(holdout.metrics),
                           **written}
-    metadata = save_model(model, model_dir, extra={
-        "data": {"sources": [str(p) for p in data], "sha256": records.content_hash(),
-                 "load_report": records.report.as_dict(), "n_train": len(records),
-                 "n_holdout": len(holdout.records) if holdout else 0},
-        "columns": params.data.columns.model_dump(),
-        "split": params.split.model_dump(),
-        "policy": policy,
-        "params": params.model_dump(),
-        "metrics": headline(metrics),
-        "metrics_source": OUT_OF_FOLD,
-        "estimate": estimate_record,
-        "holdout": holdout_record,
-    })
+    with writing(model_dir, "the model"):  # a full disk: one line naming the directory
+        metadata = save_model(model, model_dir, extra={
+            "data": {"sources": [str(p) for p in data], "sha256": records.content_hash(),
+                     "load_report": records.report.as_dict(), "n_train": len(records),
+                     "n_holdout": len(holdout.records) if holdout else 0},
+            "columns": params.data.columns.model_dump(),
+            "split": params.split.model_dump(),
+            "policy": policy,
+            "params": params.model_dump(),
+            "metrics": headline(metrics),
+            "metrics_source": OUT_OF_FOLD,
+            "estimate": estimate_record,
+            "holdout": holdout_record,
+        })
     say(f"saved model to {model_dir} (sha256 {metadata['artifact']['sha256'][:12]})")
     result = TrainResult(model_dir, model, metadata, metrics, records, found, holdout)
     if params.tracking.enabled if track is None else track:
@@ -172,7 +176,8 @@ def train(data: Sequence[str | Path], params: Params, model_dir: str | Path | No
 
 def _write_outcomes(path: Path, records: RecordSet, predictions: dict[str, TargetPredictions],
                     uncalibrated: dict[str, TargetPredictions]) -> dict:
-    write_outcomes(path, outcome_table(records, predictions, uncalibrated))
+    with writing(path, "the model's out-of-fold outcomes"):
+        write_outcomes(path, outcome_table(records, predictions, uncalibrated))
     return {"file": path.name, "sha256": sha256_file(path)}
 
 
@@ -196,6 +201,7 @@ def evaluate(data: Sequence[str | Path], model_dir: str | Path, out_dir: str | P
     """Measure a saved model on ``data``; write metrics.json and plots to ``out_dir``; returns the metrics payload."""
     say = progress or log.info
     loaded = load_model(model_dir)
+    check_writable(out_dir, "report")  # before grading, not when the report is written
     cmap = columns or ColumnMap.from_config(params.data.columns.model_validate(loaded.metadata["columns"]))
     records = load_many([str(p) for p in data], cmap, ReadOptions.from_config(params.data))
     for line in records.report.lines():
@@ -218,7 +224,8 @@ def evaluate(data: Sequence[str | Path], model_dir: str | Path, out_dir: str | P
             records, lambda: TriageModel(loaded.model.text_config, loaded.model.features_config, saved_train),
             cv, seed=params.split.seed, stratify_target=params.split.stratify_target,
             n_bins=params.evaluate.reliability_bins, progress=say)
-    path = write_report(metrics, graded.records, graded.predictions, out_dir, extra)
+    with writing(out_dir, "the report"):
+        path = write_report(metrics, graded.records, graded.predictions, out_dir, extra)
     say(f"wrote {path} and plots to {out_dir}")
     return {"targets": metrics, **extra}
 
