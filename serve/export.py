@@ -3,6 +3,10 @@
 The columns are the ones the serving model was trained on (its metadata's ``columns``), so the export can be
 appended to the original training data: ``sanshi-ml train data/demo/records.csv feedback.csv``. A few audit columns
 follow (feedback id, model version, time, the suggested labels); training ignores columns it is not told about.
+
+The file is meant to be opened in a spreadsheet too, so no cell may run there: a cell that starts with ``=``, ``+``,
+``-``, ``@``, a tab or a carriage return (what Excel, LibreOffice and Google Sheets take as the start of a formula)
+gets a single quote in front, the OWASP rule against CSV injection. Nothing else in the cell changes.
 """
 
 from __future__ import annotations
@@ -22,6 +26,12 @@ DEFAULT_TIME_COL = "受理时间"
 DEFAULT_TEXT_COLS = ("标题", "诉求内容")
 AUDIT_COLUMNS = ("反馈编号", "模型版本", "反馈时间", "修改字段")
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """The cell as a spreadsheet shows it and never runs it: a leading quote before a formula's first character."""
+    return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
 
 
 @dataclass(frozen=True)
@@ -74,7 +84,7 @@ class ExportLayout:
         cells += [str(item.id), item.model_version, item.created_at.isoformat(timespec="seconds"),
                   ",".join(item.corrected)]
         cells += [(item.suggestion.get(target) or {}).get("label", "") for target in self.targets]
-        return cells
+        return [spreadsheet_safe(cell) for cell in cells]
 
 
 def csv_chunks(layout: ExportLayout, rows: Iterable[FeedbackRow], segment: Callable[[str], str] | None = None,

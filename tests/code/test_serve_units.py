@@ -213,3 +213,16 @@ def test_a_failing_batch_fails_its_requests_instead_of_hanging():
             await batcher.stop()
 
     asyncio.run(run())
+
+
+# ------------------------------------------------------------------------------------------ exports and requests
+
+
+@pytest.mark.parametrize(("cell", "expected"), [
+    ("=1+1", "'=1+1"), ("+86 138", "'+86 138"), ("-2", "'-2"), ("@SUM(A1)", "'@SUM(A1)"), ("\tx", "'\tx"),
+    ("\rx", "'\rx"), ("电梯坏了 =1", "电梯坏了 =1"), ("", ""), ("'=x", "'=x"),
+])
+def test_spreadsheet_cells_never_start_a_formula(cell, expected):
+    from serve.export import spreadsheet_safe
+
+    assert spreadsheet_safe(cell) == expected

@@ -460,3 +460,23 @@ def test_settings_come_from_the_environment(monkeypatch, tmp_path):
     app = create_app(settings)
     schema = app.openapi()
     assert schema["components"]["schemas"]["BatchRequest"]["properties"]["records"]["maxItems"] == 8
+
+
+def test_exported_cells_cannot_run_as_spreadsheet_formulas(demo_model_dir, tmp_path):
+    app = create_app(make_settings(demo_model_dir, f"sqlite:///{tmp_path / 'f.db'}"))
+    values = {"id": "@SUM(1+1)*cmd|' /C calc'!A0", "title": '=HYPERLINK("http://evil.example","点击")',
+              "text": "+1 小区电梯坏了，-2 楼也停电", "labels": {"unit": "-社区居委会", "sanshi": "=共事"}}
+    with TestClient(app) as client:
+        wait_ready(client)
+        assert client.post("/v1/feedback", headers=KEY, json=feedback_body(**values)).status_code == 201
+        export = client.get("/v1/feedback/export", headers=KEY).content.decode("utf-8-sig")
+    rows = list(csv.DictReader(io.StringIO(export)))
+    [first] = rows
+    assert first["工单编号"] == "'" + values["id"]
+    assert first["标题"] == "'" + values["title"]
+    assert first["诉求内容"] == "'" + values["text"]
+    assert first["承办单位"] == "'-社区居委会" and first["三事"] == "'=共事"
+    assert first["建议_承办单位"] == "住房和城乡建设局"  # a safe cell stays exactly as it was
+    for row in rows:
+        for cell in row.values():
+            assert not cell.startswith(("=", "+", "-", "@", "\t", "\r")), cell
