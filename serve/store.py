@@ -3,26 +3,40 @@
 One row per answer: the request (title and text), the model version and its suggestion, the clerk's labels and the
 time. Personal data is masked (:func:`clean`) *before* a row is built, so phone numbers, ID numbers and e-mail
 addresses never reach the database. A SQLite file is the default; a PostgreSQL URL (psycopg 3) works the same way.
+
+**Stored or refused.** A write that did not reach the database is an error (:class:`StoreUnavailable`, answered 503),
+never a success: a SQLite file is opened read-write but never created after start-up, and its identity (device and
+inode) is checked before and after every write, so a file deleted or replaced under the server is noticed instead of
+written into (an unlinked inode, gone at the next restart) or silently recreated empty. :meth:`FeedbackStore.check`
+writes a probe row and reads it back; the server runs it before it says it is ready, and again from ``/ready``.
+Database errors are logged by type and error code only (the engine hides statement parameters too), because their
+messages carry the request's text.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import secrets
+import sqlite3
 import time
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
+from urllib.parse import quote
 
-from sqlalchemy import JSON, DateTime, Integer, String, Text, create_engine, event, func, select
+from sqlalchemy import JSON, DateTime, Integer, String, Text, create_engine, delete, event, func, insert, select
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from sanshi_ml.text import mask_pii
+from serve.logs import database_code, describe_exception
 
 log = logging.getLogger("serve.store")
 
@@ -46,6 +60,32 @@ def _fold_table() -> dict[int, str]:
 
 class StoreError(RuntimeError):
     """A database URL that cannot be used; the message never shows the password."""
+
+
+# Why a store cannot be used, as /ready and the 503 answers name it.
+DELETED, READ_ONLY, FULL, UNREACHABLE, UNAVAILABLE = "deleted", "read_only", "full", "unreachable", "unavailable"
+MIN_FREE_BYTES = 1 << 20  # a SQLite disk with less room than this is reported full before a write fails on it
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot take (or give) feedback now; ``reason`` is one of deleted, read_only, full, unreachable,
+    unavailable. The message says what to do and never quotes the database's own message (it can hold the data)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class StoreHealth:
+    """The outcome of :meth:`FeedbackStore.check`: ``reason`` is None when the store took a write and gave it back."""
+
+    reason: str | None
+    message: str = "ok"
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
 
 
 def clean(value: str | None) -> str:
@@ -92,6 +132,15 @@ class FeedbackRow(Base):
     clerk: Mapped[str | None] = mapped_column(String(64))
 
 
+class ProbeRow(Base):
+    """A row written, read back and deleted by :meth:`FeedbackStore.check`: proof that the store takes writes."""
+
+    __tablename__ = "sanshi_store_probe"
+
+    token: Mapped[str] = mapped_column(String(64), primary_key=True)
+    written_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 @dataclass
 class FeedbackEntry:
     """An answer as it arrives, before masking."""
@@ -132,24 +181,45 @@ def _as_utc(value: datetime | None) -> datetime | None:
     return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
+T = TypeVar("T")
+
+
 class FeedbackStore:
     """Feedback rows in a SQLite file or a PostgreSQL database; tables are created on first use."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, connect_timeout: int = 5) -> None:
         try:
             parsed = make_url(engine_url(url))
         except ArgumentError as error:
             raise StoreError(f"database URL cannot be parsed: {error}") from None
         self.url = parsed.render_as_string(hide_password=True)
-        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        self.backend = parsed.get_backend_name()
+        self.path: Path | None = None  # a SQLite file whose identity is checked around every write
+        self._identity: tuple[int, int] | None = None
+        options: dict = {"pool_pre_ping": True, "hide_parameters": True}
+        if self.backend == "sqlite" and parsed.database not in (None, "", ":memory:") \
+                and "uri" not in parsed.query:
+            self.path = Path(parsed.database).resolve()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _create_sqlite_file(self.path, self.url)
+            # From here on the file is opened read-write and never created: a deleted file is an error, not a new
+            # empty database.
+            parsed = parsed.set(database=f"file:{quote(str(self.path))}",
+                                query={**parsed.query, "mode": "rw", "uri": "true"})
+        elif self.backend == "postgresql" and parsed.get_driver_name() == "psycopg":
+            # A database that does not answer must not hold a clerk's request (or /ready) for minutes.
+            defaults = {"connect_timeout": connect_timeout, "keepalives_idle": 10, "keepalives_interval": 5,
+                        "keepalives_count": 3, "tcp_user_timeout": 15_000}
+            options["connect_args"] = {k: v for k, v in defaults.items() if k not in parsed.query}
         try:
-            self.engine: Engine = create_engine(parsed, pool_pre_ping=True)
+            self.engine: Engine = create_engine(parsed, **options)
         except (ArgumentError, NoSuchModuleError) as error:
             raise StoreError(f"{self.url}: {error}") from None
-        if parsed.get_backend_name() == "sqlite":
+        if self.backend == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._create_tables()
+        if self.path is not None:
+            self._identity = _file_identity(self.path)
         _fold_table()  # built once here (about 0.1 s) rather than inside the first clerk's request
 
     def _create_tables(self, attempts: int = 5) -> None:
@@ -162,21 +232,80 @@ class FeedbackStore:
             except DBAPIError as error:
                 if error.connection_invalidated or attempt == attempts - 1:
                     self.engine.dispose()
-                    raise StoreError(f"{self.url}: cannot create the feedback table: {error.orig}") from None
+                    reason, message = classify(error)
+                    raise StoreUnavailable(reason, f"{self.url}: cannot create the feedback table: {message}") \
+                        from None
                 time.sleep(0.05 * (attempt + 1))
 
+    # ---------------------------------------------------------------------------------------- the file's identity
+
+    def check_file(self) -> None:
+        """Raise :class:`StoreUnavailable` if the SQLite file is gone or is no longer the one opened at start-up."""
+        if self.path is None:
+            return
+        try:
+            identity = _file_identity(self.path)
+        except FileNotFoundError:
+            raise StoreUnavailable(DELETED, f"{self.url}: the database file was deleted while the server ran; "
+                                            "restore it and restart the server") from None
+        except OSError as error:
+            raise StoreUnavailable(UNAVAILABLE, f"{self.url}: the database file cannot be checked "
+                                                f"({error.strerror})") from None
+        if identity != self._identity:
+            raise StoreUnavailable(DELETED, f"{self.url}: the database file was deleted or replaced while the "
+                                            "server ran; restart the server to use the file now there")
+
+    def _guarded(self, action: Callable[[], T], what: str) -> T:
+        """Run ``action`` with the file checked before and after; database errors become StoreUnavailable."""
+        self.check_file()
+        try:
+            result = action()
+        except SQLAlchemyError as error:
+            reason, message = classify(error)
+            log.error("%s failed (%s): %s", what, reason, describe_exception(error))
+            raise StoreUnavailable(reason, f"{self.url}: {message}") from None
+        self.check_file()
+        return result
+
+    # --------------------------------------------------------------------------------------------- reads and writes
+
     def add(self, entry: FeedbackEntry) -> FeedbackRow:
-        """Mask and store one answer; returns the stored row (with its id)."""
-        row = entry.to_row(datetime.now(timezone.utc))
-        with Session(self.engine, expire_on_commit=False) as session:
-            session.add(row)
-            session.commit()
+        """Mask and store one answer; returns the stored row (with its id), or raises :class:`StoreUnavailable`.
+
+        The row is acknowledged only after the commit, and (SQLite) only if the file committed to is still the one
+        the server opened. A connection lost before the commit is retried once on a new one (nothing was written);
+        a commit that fails is never retried (it may or may not have landed) and is reported as unavailable.
+        """
+        now = datetime.now(timezone.utc)
+
+        def write() -> FeedbackRow:
+            for attempt in range(2):
+                row = entry.to_row(now)
+                with Session(self.engine, expire_on_commit=False) as session:
+                    session.add(row)
+                    try:
+                        session.flush()
+                    except DBAPIError as error:
+                        session.rollback()
+                        if error.connection_invalidated and attempt == 0:
+                            log.warning("feedback write: connection lost before commit (%s); retrying on a new one",
+                                        describe_exception(error))
+                            continue
+                        raise
+                    session.commit()
+                    return row
+            raise AssertionError("unreachable")
+
+        row = self._guarded(write, "feedback write")
         log.info("feedback %d stored: model %s, corrected %s", row.id, row.model_version, row.corrected or "none")
         return row
 
     def count(self) -> int:
-        with Session(self.engine) as session:
-            return session.scalar(select(func.count()).select_from(FeedbackRow)) or 0
+        def read() -> int:
+            with Session(self.engine) as session:
+                return session.scalar(select(func.count()).select_from(FeedbackRow)) or 0
+
+        return self._guarded(read, "feedback count")
 
     def rows(self, since: datetime | None = None, until: datetime | None = None,
              model_version: str | None = None, chunk: int = 1_000) -> Iterator[FeedbackRow]:
@@ -191,9 +320,14 @@ class FeedbackStore:
                 query = query.where(FeedbackRow.created_at < until)
             if model_version is not None:
                 query = query.where(FeedbackRow.model_version == model_version)
-            with Session(self.engine) as session:
-                batch = list(session.scalars(query))
-                session.expunge_all()
+
+            def read(query=query) -> list[FeedbackRow]:
+                with Session(self.engine) as session:
+                    batch = list(session.scalars(query))
+                    session.expunge_all()
+                return batch
+
+            batch = self._guarded(read, "feedback export")
             for row in batch:
                 row.created_at = _utc(row.created_at)
                 yield row
@@ -201,8 +335,75 @@ class FeedbackStore:
                 return
             last_id = batch[-1].id
 
+    def check(self) -> StoreHealth:
+        """Is the store usable? A probe row is written, read back on another connection, and deleted; a SQLite
+        file must still be the one opened at start-up and have room left. Never raises."""
+        try:
+            self.check_file()
+            if self.path is not None:
+                stats = os.statvfs(self.path.parent)
+                if stats.f_bavail * stats.f_frsize < MIN_FREE_BYTES:
+                    return StoreHealth(FULL, f"{self.url}: the disk holding the database has less than "
+                                             f"{MIN_FREE_BYTES >> 20} MiB free")
+            token = secrets.token_hex(16)
+
+            def probe() -> str | None:
+                with self.engine.begin() as connection:
+                    connection.execute(insert(ProbeRow).values(token=token, written_at=datetime.now(timezone.utc)))
+                with self.engine.connect() as connection:
+                    found = connection.scalar(select(ProbeRow.token).where(ProbeRow.token == token))
+                with self.engine.begin() as connection:
+                    connection.execute(delete(ProbeRow).where(ProbeRow.token == token))
+                return found
+
+            found = self._guarded(probe, "store check")
+        except StoreUnavailable as error:
+            return StoreHealth(error.reason, str(error))
+        except OSError as error:
+            return StoreHealth(UNAVAILABLE, f"{self.url}: {error.strerror}")
+        if found != token:
+            return StoreHealth(UNAVAILABLE, f"{self.url}: a probe row was written but could not be read back")
+        return StoreHealth(None)
+
     def close(self) -> None:
         self.engine.dispose()
+
+
+def classify(error: BaseException) -> tuple[str, str]:
+    """(reason, message) for a database error. The message names the error code, never the database's own text,
+    which can quote the statement's data (PostgreSQL's "Failing row contains (…)")."""
+    orig = getattr(error, "orig", None) or error
+    name = getattr(orig, "sqlite_errorname", None) or ""
+    state = getattr(orig, "sqlstate", None) or ""
+    code = database_code(error)
+    suffix = f" ({code})" if code else f" ({type(orig).__name__})"
+    if name.startswith("SQLITE_READONLY") or state == "25006":
+        return READ_ONLY, "the database is read-only" + suffix
+    if name == "SQLITE_FULL" or state in ("53100", "53200", "54000"):
+        return FULL, "the database or the disk holding it is full" + suffix
+    if name.startswith("SQLITE_CANTOPEN"):
+        return DELETED, "the database file cannot be opened: it was deleted, or its folder is not accessible" + suffix
+    if state.startswith("08") or state in ("57P01", "57P02", "57P03") or \
+            getattr(error, "connection_invalidated", False) or \
+            (type(orig).__name__ == "OperationalError" and not name and not state):
+        return UNREACHABLE, "the database server cannot be reached" + suffix
+    return UNAVAILABLE, "the database refused the operation" + suffix
+
+
+def _file_identity(path: Path) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
+
+
+def _create_sqlite_file(path: Path, url: str) -> None:
+    """Create an empty SQLite file if there is none (only at start-up)."""
+    if path.exists():
+        return
+    try:
+        sqlite3.connect(f"file:{quote(str(path))}?mode=rwc", uri=True).close()
+    except sqlite3.Error as error:
+        raise StoreUnavailable(UNAVAILABLE, f"{url}: cannot create the database file "
+                                            f"({getattr(error, 'sqlite_errorname', type(error).__name__)})") from None
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -210,4 +411,5 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA busy_timeout=5000")  # first, so that switching to WAL waits for another process too
     cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")  # a commit is on disk (the WAL synced) before it is acknowledged
     cursor.close()

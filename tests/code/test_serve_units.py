@@ -226,3 +226,44 @@ def test_spreadsheet_cells_never_start_a_formula(cell, expected):
     from serve.export import spreadsheet_safe
 
     assert spreadsheet_safe(cell) == expected
+
+
+# ------------------------------------------------------------------------------------------- durable or refused
+
+
+def test_the_store_check_writes_and_reads_back_and_notices_a_deleted_file(tmp_path):
+    from serve.store import StoreUnavailable
+
+    db = tmp_path / "feedback.db"
+    store = FeedbackStore(f"sqlite:///{db}")
+    assert store.check().ok
+    db.unlink()
+    health = store.check()
+    assert health.reason == "deleted" and "restart" in health.message
+    with pytest.raises(StoreUnavailable) as error:
+        store.add(entry())
+    assert error.value.reason == "deleted"
+    assert not db.exists()  # never recreated
+    store.close()
+
+
+def test_database_errors_are_classified_by_code_and_described_without_their_message(tmp_path):
+    import sqlite3
+
+    from serve.logs import describe_exception
+    from serve.store import classify
+
+    connection = sqlite3.connect(tmp_path / "full.db")
+    connection.execute("CREATE TABLE t (x TEXT)")
+    connection.execute("PRAGMA max_page_count = 2")
+    secret = "王小明住在幸福路88号"
+    with pytest.raises(sqlite3.OperationalError) as full:
+        for _ in range(50):
+            connection.execute("INSERT INTO t VALUES (?)", (secret * 200,))
+    connection.close()
+    assert classify(full.value)[0] == "full"
+    described = describe_exception(full.value)
+    assert "OperationalError [SQLITE_FULL]" in described and secret not in described and "full" not in described
+    with pytest.raises(sqlite3.OperationalError) as missing:
+        sqlite3.connect(f"file:{tmp_path / 'none.db'}?mode=rw", uri=True)
+    assert classify(missing.value)[0] == "deleted"
