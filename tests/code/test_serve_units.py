@@ -267,3 +267,92 @@ def test_database_errors_are_classified_by_code_and_described_without_their_mess
     with pytest.raises(sqlite3.OperationalError) as missing:
         sqlite3.connect(f"file:{tmp_path / 'none.db'}?mode=rw", uri=True)
     assert classify(missing.value)[0] == "deleted"
+
+
+def test_a_big_job_is_cut_into_calls_and_gets_the_same_answers(demo_model_dir):
+    from sanshi_ml.artifacts import load_model
+    from sanshi_ml.suggest import Suggester
+
+    suggester = Suggester.from_loaded(load_model(demo_model_dir))
+    records = [(None, f"第{n}号楼电梯坏了，物业一直不修，" * (n % 4 + 1)) for n in range(23)]
+    calls: list[int] = []
+
+    def suggest(batch, k):
+        calls.append(len(batch))
+        return suggester.suggest(batch, top_k=k)
+
+    async def run() -> list:
+        batcher = MicroBatcher(suggest, max_records=5, max_chars=120)
+        batcher.start()
+        try:
+            return await batcher.submit(records, 2)
+        finally:
+            await batcher.stop()
+
+    result = asyncio.run(run())
+    assert result == suggester.suggest(records, top_k=2)
+    assert len(calls) > 4 and max(calls) <= 5 and sum(calls) == len(records)
+
+
+def test_single_suggestions_go_between_the_pieces_of_a_big_job():
+    import threading
+    import time
+
+    order: list[str] = []
+    lock = threading.Lock()
+
+    def slow(batch, k):  # 20 ms a call, whatever its size
+        time.sleep(0.02)
+        with lock:
+            order.extend(text for _, text in batch)
+        return [{"text": text} for _, text in batch]
+
+    async def run() -> tuple[float, float]:
+        batcher = MicroBatcher(slow, max_records=2)
+        batcher.start()
+        try:
+            started = time.perf_counter()
+            big = asyncio.ensure_future(batcher.submit([(None, f"big{n}") for n in range(20)], 1))
+            await asyncio.sleep(0.03)  # the big job is under way
+            small = await batcher.submit([(None, "small")], 1)
+            small_done = time.perf_counter() - started
+            assert small == [{"text": "small"}]
+            assert [r["text"] for r in await big] == [f"big{n}" for n in range(20)]
+            return small_done, time.perf_counter() - started
+        finally:
+            await batcher.stop()
+
+    small_done, big_done = asyncio.run(run())
+    assert small_done < big_done / 2  # answered between two pieces, not after the whole job
+    assert order.index("small") < order.index("big19")
+
+
+def test_the_event_loop_runs_while_the_model_works():
+    import time
+
+    def busy(batch, k):  # the model, holding its thread for 0.3 s
+        deadline = time.perf_counter() + 0.3
+        while time.perf_counter() < deadline:
+            pass
+        return [{} for _ in batch]
+
+    async def run() -> int:
+        batcher = MicroBatcher(busy)
+        batcher.start()
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.ensure_future(tick())
+        try:
+            await batcher.submit([(None, "x")], 1)
+        finally:
+            ticker.cancel()
+            await batcher.stop()
+        return ticks
+
+    assert asyncio.run(run()) >= 10  # the loop kept ticking during the 0.3 s call
