@@ -112,6 +112,20 @@ def check_optional_text(value: str | None) -> str | None:
     return value
 
 
+# Line breaks and other control characters (C0, DEL, C1, U+2028/U+2029): never part of an id, a model version, a clerk
+# id or a label, and the way a forged log line or a broken CSV row starts.
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+ONE_LINE_PATTERN = "^[^\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]*$"
+
+
+def check_one_line(value: str | None) -> str | None:
+    """An identifier or a label: encodable, on one line, with no control characters."""
+    check_optional_text(value)
+    if value is not None and _CONTROL_CHARS.search(value):
+        raise ValueError("holds a line break or another control character")
+    return value
+
+
 # ------------------------------------------------------------------------------------------------------- requests
 
 
@@ -119,7 +133,9 @@ def check_optional_text(value: str | None) -> str | None:
 # precise error (empty_text, undecodable) instead of a bare pattern mismatch: at least one non-space character, and
 # no U+FFFD (the mark an earlier decoding failure leaves).
 TEXT_PATTERN = "^[^\\uFFFD]*\\S[^\\uFFFD]*$"
-NON_BLANK_PATTERN = "\\S"
+# A label: at least one non-space character, on one line.
+LABEL_PATTERN = "^[^\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]*[^\\s\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]" \
+                "[^\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]*$"
 
 
 @dataclass(frozen=True)
@@ -143,7 +159,7 @@ def as_mapping(value: BaseModel | dict | None) -> dict:
 
 def check_label(value: str | None) -> str | None:
     if value is not None:
-        check_optional_text(value)
+        check_one_line(value)
         if not value.strip():
             raise ValueError("label is empty or only whitespace")
     return value
@@ -178,17 +194,22 @@ def build_request_models(max_text_chars: int, max_batch: int, strict: bool,
         title: str | None = Field(None, max_length=TITLE_MAX_CHARS, description="the request's title (标题)",
                                   examples=[EXAMPLE_TITLE])
         id: str | None = Field(None, max_length=ID_MAX_CHARS, description="the record's id (工单编号), echoed back",
-                               examples=["D2024000123"])
+                               examples=["D2024000123"], json_schema_extra={"pattern": ONE_LINE_PATTERN})
 
         @field_validator("text")
         @classmethod
         def _text(cls, value: str) -> str:
             return check_text(value, max_text_chars)
 
-        @field_validator("title", "id")
+        @field_validator("title")
         @classmethod
         def _encodable(cls, value: str | None) -> str | None:
             return check_optional_text(value)
+
+        @field_validator("id")
+        @classmethod
+        def _one_line(cls, value: str | None) -> str | None:
+            return check_one_line(value)
 
     class BatchRequest(_Base):
         """Several requests in one call, answered in the same order."""
@@ -200,7 +221,7 @@ def build_request_models(max_text_chars: int, max_batch: int, strict: bool,
         records: list[SuggestRequest] = Field(min_length=1, max_length=max_batch,
                                               description=f"1 to {max_batch} records")
 
-    label_field = {"min_length": 1, "max_length": LABEL_MAX_CHARS, "json_schema_extra": {"pattern": NON_BLANK_PATTERN}}
+    label_field = {"min_length": 1, "max_length": LABEL_MAX_CHARS, "json_schema_extra": {"pattern": LABEL_PATTERN}}
 
     class SuggestedLabel(_Base):
         label: str = Field(**label_field)
@@ -256,13 +277,16 @@ def build_request_models(max_text_chars: int, max_batch: int, strict: bool,
 
         text: str = text_field("the request's text, as it was suggested on", EXAMPLE_TEXT)
         title: str | None = Field(None, max_length=TITLE_MAX_CHARS, examples=[EXAMPLE_TITLE])
-        id: str | None = Field(None, max_length=ID_MAX_CHARS, description="the record's id (工单编号)")
+        id: str | None = Field(None, max_length=ID_MAX_CHARS, description="the record's id (工单编号)",
+                               json_schema_extra={"pattern": ONE_LINE_PATTERN})
         received_at: Timestamp = Field(None, description="when the request was received (受理时间), RFC 3339 with "
                                                          "offset; stored as that wall-clock time. Default: now")
-        model_version: str = Field(min_length=1, max_length=64, description="model_version of the suggestion")
+        model_version: str = Field(min_length=1, max_length=64, description="model_version of the suggestion",
+                                   json_schema_extra={"pattern": ONE_LINE_PATTERN})
         suggestion: suggestion_type = suggestion_field
         labels: labels_type = labels_field
-        clerk: str | None = Field(None, max_length=64, description="who answered (an id, not a name)")
+        clerk: str | None = Field(None, max_length=64, description="who answered (an id, not a name)",
+                                  json_schema_extra={"pattern": ONE_LINE_PATTERN})
 
         @field_validator("text")
         @classmethod
@@ -274,17 +298,24 @@ def build_request_models(max_text_chars: int, max_batch: int, strict: bool,
         def _labels(cls, value):
             if isinstance(value, dict):
                 for target, label in value.items():
-                    check_optional_text(target)
+                    check_one_line(target)
+                    if label is not None:
+                        check_one_line(label)
                     if label is not None and not label.strip():
                         raise ValueError(f"label for '{target}' is empty")
                     if len(label) > LABEL_MAX_CHARS:
                         raise ValueError(f"label for '{target}' is longer than {LABEL_MAX_CHARS} characters")
             return value
 
-        @field_validator("title", "id", "model_version", "clerk")
+        @field_validator("title")
         @classmethod
         def _encodable(cls, value: str | None) -> str | None:
             return check_optional_text(value)
+
+        @field_validator("id", "model_version", "clerk")
+        @classmethod
+        def _one_line(cls, value: str | None) -> str | None:
+            return check_one_line(value)
 
     for model in (SuggestRequest, BatchRequest, SuggestedLabel, FeedbackRequest):
         model.model_rebuild()
@@ -385,10 +416,19 @@ class Health(_Out):
     status: Literal["ok"]
 
 
+class StoreState(_Out):
+    status: Literal["ok", "deleted", "read_only", "full", "unreachable", "unavailable"] = Field(
+        description="ok, or why the feedback store cannot take a write now")
+    message: str | None = None
+
+
 class Readiness(_Out):
-    status: Literal["ready", "loading", "failed"]
+    status: Literal["ready", "loading", "failed", "store_unavailable"] = Field(
+        description="ready: the model is loaded and the feedback store took a write and gave it back; loading or "
+                    "failed: the model; store_unavailable: the model is ready but the store is not (see store)")
     model_version: str | None = None
     error: str | None = None
+    store: StoreState | None = None
 
 
 class ErrorItem(_Out):
@@ -400,4 +440,5 @@ class ErrorItem(_Out):
 class ErrorBody(_Out):
     error: str = Field(description="a short code: validation_error, invalid_json, unauthorized, not_ready, …")
     message: str
-    detail: list[ErrorItem] = Field(default_factory=list)
+    detail: list[ErrorItem] = Field(default_factory=list, description="the first problems found (at most 10)")
+    total: int = Field(description="how many problems were found in all; detail lists the first of them")

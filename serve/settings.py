@@ -8,10 +8,12 @@ started with :meth:`Settings.load` (as ``sanshi-ml serve`` does), so the CLI's `
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "SANSHI_"
 DEFAULT_DATABASE_URL = "sqlite:///feedback.db"
@@ -39,6 +41,37 @@ class Settings(BaseSettings):
     top_k: int = Field(3, ge=1, le=20, description="labels listed per target unless the request asks otherwise")
     max_body_bytes: int | None = Field(None, ge=1, description="largest request body; None: enough for a full batch")
     batch_records: int = Field(64, ge=1, description="most records the micro-batcher hands the model in one call")
+    batch_chars: int = Field(64_000, ge=1, description="most characters the micro-batcher hands the model in one "
+                             "call; a larger batch request is cut into calls of this size, and single suggestions "
+                             "are answered between them")
+    inline_chars: int = Field(16_000, ge=0, description="a model call of at most this many characters (a few "
+                              "milliseconds) runs on the event loop; longer ones run in the model thread. 0: every "
+                              "call in the thread")
+    host: str = Field("127.0.0.1", description="the interface the server listens on (sanshi-ml serve --host)")
+    allowed_hosts: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="Host header values the server answers (comma-separated; '*.example.org' matches "
+                          "subdomains, '*' any). Default: localhost, 127.0.0.1, [::1] and the bind host (for "
+                          "0.0.0.0 or ::, this machine's host name)")
+    body_timeout: float = Field(30.0, gt=0, description="seconds a client has to send a whole request body; "
+                                "a slower one gets 408 and the connection is closed")
+    keep_alive_timeout: int = Field(5, ge=1, description="seconds an idle keep-alive connection stays open")
+    limit_concurrency: int | None = Field(None, ge=1, description="most connections and tasks at once per "
+                                          "worker; beyond it uvicorn answers 503 (default: no limit)")
+    store_check_seconds: float = Field(5.0, ge=0, description="how long /ready reuses a successful check of the "
+                                       "feedback store (a write read back) before it checks again")
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value):
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",")]
+        if value is not None:
+            value = [part for part in value if part]
+            for pattern in value:
+                if "*" in pattern[1:] or (pattern.startswith("*") and pattern != "*" and
+                                          not pattern.startswith("*.")):
+                    raise ValueError(f"{pattern!r}: a wildcard host must look like '*.example.org' (or be '*')")
+        return value or None
 
     @model_validator(mode="after")
     def _one_model_source(self) -> Settings:
@@ -52,6 +85,18 @@ class Settings(BaseSettings):
         if self.max_body_bytes is not None:
             return self.max_body_bytes
         return max(1 << 20, self.max_batch * (self.max_text_chars + 1_000) * 6)
+
+    @property
+    def trusted_hosts(self) -> list[str]:
+        """The Host header values answered: ``allowed_hosts``, or localhost and the bind host."""
+        if self.allowed_hosts:
+            return list(self.allowed_hosts)
+        hosts = ["localhost", "127.0.0.1", "[::1]"]
+        if self.host in ("0.0.0.0", "::", ""):
+            hosts.append(socket.gethostname())  # listening everywhere: the machine's own name; others need the setting
+        else:
+            hosts.append(f"[{self.host}]" if ":" in self.host else self.host)
+        return list(dict.fromkeys(host.lower() for host in hosts))
 
     @property
     def model_source(self) -> str:

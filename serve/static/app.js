@@ -34,6 +34,9 @@ async function errorText(response) {
   try {
     const body = await response.json();
     if (response.status === 401) return "接口密钥缺失或错误，请在左下方“接口密钥”中填写。（" + body.message + "）";
+    if (response.status === 503 && body.error === "store_unavailable") {
+      return "确认结果未保存：反馈数据库暂时无法写入，请稍后重新提交，或联系管理员。";
+    }
     if (response.status === 503) return "模型正在加载，请稍后再试。";
     const first = (body.detail || [])[0];
     return first ? `请求有误：${first.field} — ${first.message}` : body.message || `HTTP ${response.status}`;

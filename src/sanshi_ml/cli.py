@@ -398,7 +398,7 @@ def serve(
     """Serve suggestions over HTTP (FastAPI + uvicorn), with the clerk page at / and the API docs at /docs.
 
     Other settings come from SANSHI_* variables: SANSHI_API_KEY (feedback and export), SANSHI_OPEN_SUGGESTIONS,
-    SANSHI_STRICT, SANSHI_MAX_TEXT_CHARS, SANSHI_MAX_BATCH (see docs/serving.md).
+    SANSHI_STRICT, SANSHI_MAX_TEXT_CHARS, SANSHI_MAX_BATCH, SANSHI_ALLOWED_HOSTS (see docs/serving.md).
     """
     _setup_logging(False)
     import os
@@ -411,33 +411,45 @@ def serve(
     from serve.store import FeedbackStore, StoreError
 
     try:
-        settings = Settings.load(params_file, model_dir=model_dir, model_uri=model_uri, database_url=database_url)
+        settings = Settings.load(params_file, model_dir=model_dir, model_uri=model_uri, database_url=database_url,
+                                 host=host)
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors())
         raise UsageError(f"server settings: {problems}") from None
     if settings.model_dir is not None:
         read_metadata(settings.model_dir)  # a wrong directory fails here, in one line, not later in a worker
-    try:  # an unusable database too; and the table exists before several workers race to create it
-        FeedbackStore(settings.database_url).close()
+    try:  # an unusable database too (a probe row written and read back); and the table exists before workers race
+        store = FeedbackStore(settings.database_url)
     except StoreError as error:
         raise UsageError(str(error)) from None
+    health = store.check()
+    store.close()
+    if not health.ok:
+        raise UsageError(f"feedback store unusable ({health.reason}): {health.message}")
     if settings.api_key is None:
         log.warning("SANSHI_API_KEY is not set: /v1/feedback and /v1/feedback/export refuse every request")
+    if settings.allowed_hosts is None and host in ("0.0.0.0", "::"):
+        log.warning("listening on every interface, but answering only for %s: set SANSHI_ALLOWED_HOSTS to the "
+                    "names clerks use", ", ".join(settings.trusted_hosts))
     log.info("serving %s on http://%s:%d (%d worker%s)", settings.model_source, host, port, workers,
              "s" if workers > 1 else "")
+    # Slow or idle clients: idle keep-alive connections close after keep_alive_timeout seconds, request heads are
+    # limited in size (h11); a request body has body_timeout seconds (the app answers 408).
+    limits = {"timeout_keep_alive": settings.keep_alive_timeout, "limit_concurrency": settings.limit_concurrency,
+              "h11_max_incomplete_event_size": 16 * 1024, "timeout_graceful_shutdown": 10}
     if workers == 1:
         from serve.app import create_app
 
-        uvicorn.run(create_app(settings), host=host, port=port, access_log=access_log, log_level="info")
+        uvicorn.run(create_app(settings), host=host, port=port, access_log=access_log, log_level="info", **limits)
         return
     # Worker processes build their own app from the environment, so the resolved settings travel there.
     for name in ("model_dir", "model_uri", "tracking_uri", "database_url", "policy_path", "max_text_chars",
-                 "max_batch", "top_k"):
+                 "max_batch", "top_k", "host"):
         value = getattr(settings, name)
         if value is not None:
             os.environ[f"{ENV_PREFIX}{name.upper()}"] = str(value)
     uvicorn.run("serve.app:create_app", factory=True, host=host, port=port, workers=workers,
-                access_log=access_log, log_level="info")
+                access_log=access_log, log_level="info", **limits)
 
 
 @app.command()

@@ -215,60 +215,6 @@ def test_a_failing_batch_fails_its_requests_instead_of_hanging():
     asyncio.run(run())
 
 
-# ------------------------------------------------------------------------------------------ exports and requests
-
-
-@pytest.mark.parametrize(("cell", "expected"), [
-    ("=1+1", "'=1+1"), ("+86 138", "'+86 138"), ("-2", "'-2"), ("@SUM(A1)", "'@SUM(A1)"), ("\tx", "'\tx"),
-    ("\rx", "'\rx"), ("电梯坏了 =1", "电梯坏了 =1"), ("", ""), ("'=x", "'=x"),
-])
-def test_spreadsheet_cells_never_start_a_formula(cell, expected):
-    from serve.export import spreadsheet_safe
-
-    assert spreadsheet_safe(cell) == expected
-
-
-# ------------------------------------------------------------------------------------------- durable or refused
-
-
-def test_the_store_check_writes_and_reads_back_and_notices_a_deleted_file(tmp_path):
-    from serve.store import StoreUnavailable
-
-    db = tmp_path / "feedback.db"
-    store = FeedbackStore(f"sqlite:///{db}")
-    assert store.check().ok
-    db.unlink()
-    health = store.check()
-    assert health.reason == "deleted" and "restart" in health.message
-    with pytest.raises(StoreUnavailable) as error:
-        store.add(entry())
-    assert error.value.reason == "deleted"
-    assert not db.exists()  # never recreated
-    store.close()
-
-
-def test_database_errors_are_classified_by_code_and_described_without_their_message(tmp_path):
-    import sqlite3
-
-    from serve.logs import describe_exception
-    from serve.store import classify
-
-    connection = sqlite3.connect(tmp_path / "full.db")
-    connection.execute("CREATE TABLE t (x TEXT)")
-    connection.execute("PRAGMA max_page_count = 2")
-    secret = "王小明住在幸福路88号"
-    with pytest.raises(sqlite3.OperationalError) as full:
-        for _ in range(50):
-            connection.execute("INSERT INTO t VALUES (?)", (secret * 200,))
-    connection.close()
-    assert classify(full.value)[0] == "full"
-    described = describe_exception(full.value)
-    assert "OperationalError [SQLITE_FULL]" in described and secret not in described and "full" not in described
-    with pytest.raises(sqlite3.OperationalError) as missing:
-        sqlite3.connect(f"file:{tmp_path / 'none.db'}?mode=rw", uri=True)
-    assert classify(missing.value)[0] == "deleted"
-
-
 def test_a_big_job_is_cut_into_calls_and_gets_the_same_answers(demo_model_dir):
     from sanshi_ml.artifacts import load_model
     from sanshi_ml.suggest import Suggester
@@ -356,3 +302,90 @@ def test_the_event_loop_runs_while_the_model_works():
         return ticks
 
     assert asyncio.run(run()) >= 10  # the loop kept ticking during the 0.3 s call
+
+
+# ------------------------------------------------------------------------------------------- durable or refused
+
+
+def test_the_store_check_writes_and_reads_back_and_notices_a_deleted_file(tmp_path):
+    from serve.store import StoreUnavailable
+
+    db = tmp_path / "feedback.db"
+    store = FeedbackStore(f"sqlite:///{db}")
+    assert store.check().ok
+    db.unlink()
+    health = store.check()
+    assert health.reason == "deleted" and "restart" in health.message
+    with pytest.raises(StoreUnavailable) as error:
+        store.add(entry())
+    assert error.value.reason == "deleted"
+    assert not db.exists()  # never recreated
+    store.close()
+
+
+def test_database_errors_are_classified_by_code_and_described_without_their_message(tmp_path):
+    import sqlite3
+
+    from serve.logs import describe_exception
+    from serve.store import classify
+
+    connection = sqlite3.connect(tmp_path / "full.db")
+    connection.execute("CREATE TABLE t (x TEXT)")
+    connection.execute("PRAGMA max_page_count = 2")
+    secret = "王小明住在幸福路88号"
+    with pytest.raises(sqlite3.OperationalError) as full:
+        for _ in range(50):
+            connection.execute("INSERT INTO t VALUES (?)", (secret * 200,))
+    connection.close()
+    assert classify(full.value)[0] == "full"
+    described = describe_exception(full.value)
+    assert "OperationalError [SQLITE_FULL]" in described and secret not in described and "full" not in described
+    with pytest.raises(sqlite3.OperationalError) as missing:
+        sqlite3.connect(f"file:{tmp_path / 'none.db'}?mode=rw", uri=True)
+    assert classify(missing.value)[0] == "deleted"
+
+
+# ------------------------------------------------------------------------------------------ exports and requests
+
+
+@pytest.mark.parametrize(("cell", "expected"), [
+    ("=1+1", "'=1+1"), ("+86 138", "'+86 138"), ("-2", "'-2"), ("@SUM(A1)", "'@SUM(A1)"), ("\tx", "'\tx"),
+    ("\rx", "'\rx"), ("电梯坏了 =1", "电梯坏了 =1"), ("", ""), ("'=x", "'=x"),
+])
+def test_spreadsheet_cells_never_start_a_formula(cell, expected):
+    from serve.export import spreadsheet_safe
+
+    assert spreadsheet_safe(cell) == expected
+
+
+@pytest.mark.parametrize(("body", "kind"), [
+    (b'{"records": [' + b",".join([b'{"text": "a"}'] * 3000) + b"]}", "too_many_values"),
+    (b'{"x": [' + b"1," * 9000 + b"1]}", "too_many_values"),
+    (b'{"text": "a\\\\", "x": [' + b"1," * 9000 + b"1]}", "too_many_values"),  # an escaped backslash, then more
+    (b"[" * 9 + b"]" * 9, "too_deep"),
+])
+def test_a_body_is_measured_before_it_is_parsed(body, kind):
+    from serve.app import ApiError, prescan_json
+
+    with pytest.raises(ApiError) as error:
+        prescan_json(body, 5_000)
+    assert error.value.kind == kind
+
+
+def test_the_prescan_passes_every_valid_request_shape():
+    import json
+
+    from serve.app import parse_json_body, prescan_json
+
+    texts = ['他说："电梯坏了\\"", 还有\\\\反斜杠', "{[逗号, 冒号: 括号]}" * 50, "普通的诉求"]
+    for ensure_ascii in (True, False):
+        body = json.dumps({"records": [{"id": str(n), "title": t, "text": t} for n, t in enumerate(texts * 80)]},
+                          ensure_ascii=ensure_ascii)
+        for encoded in (body.encode(), body.encode("utf-16")):
+            prescan_json(encoded, 5_000)  # passes
+            assert parse_json_body(encoded, 5_000) == json.loads(body)
+
+
+def test_allowed_hosts_refuse_a_malformed_wildcard():
+    with pytest.raises(ValidationError, match="wildcard"):
+        Settings(model_dir="m", allowed_hosts="sanshi.*.org")

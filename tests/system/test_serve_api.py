@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -16,8 +17,9 @@ from sanshi_ml.artifacts import load_model
 from sanshi_ml.suggest import Suggester
 from sanshi_ml.text import model_input
 from serve.app import create_app
+from serve.store import FeedbackEntry, FeedbackStore
 from tests.conftest import DEMO_CSV
-from tests.system.serve_support import API_KEY, make_settings, wait_ready, wait_settled
+from tests.system.serve_support import API_KEY, make_settings, read_only_file, wait_ready, wait_settled
 
 KEY = {"X-API-Key": API_KEY}
 TITLE = "小区电梯坏了一个多月没人修"
@@ -45,7 +47,8 @@ def assert_error(response, status: int, field: str, kind: str | None = None, sec
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
-    assert set(body) == {"error", "message", "detail"}
+    assert set(body) == {"error", "message", "detail", "total"}
+    assert len(body["detail"]) <= 10 and body["total"] >= len(body["detail"])
     fields = [item["field"] for item in body["detail"]]
     assert field in fields, body
     if kind is not None:
@@ -63,7 +66,7 @@ def assert_error(response, status: int, field: str, kind: str | None = None, sec
 def test_health_answers_and_ready_names_the_model_version(served, demo_model_dir):
     assert served.get("/health").json() == {"status": "ok"}
     version = json.loads((demo_model_dir / "metadata.json").read_text(encoding="utf-8"))["artifact"]["sha256"][:12]
-    assert served.get("/ready").json() == {"status": "ready", "model_version": version}
+    assert served.get("/ready").json() == {"status": "ready", "model_version": version, "store": {"status": "ok"}}
 
 
 def test_ready_is_503_until_the_model_is_loaded(demo_model_dir, tmp_path):
@@ -462,6 +465,104 @@ def test_settings_come_from_the_environment(monkeypatch, tmp_path):
     assert schema["components"]["schemas"]["BatchRequest"]["properties"]["records"]["maxItems"] == 8
 
 
+# ------------------------------------------------------------------------------------ the store: durable or refused
+
+
+def answer(text: str, **extra) -> dict:
+    return {"text": text, "model_version": "store-test", "labels": {"sanshi": "共事"}, **extra}
+
+
+def db_files(db: Path) -> list[Path]:
+    return [p for p in (db, Path(f"{db}-wal"), Path(f"{db}-shm")) if p.exists()]
+
+
+def test_a_deleted_database_file_is_refused_not_written_into(demo_model_dir, tmp_path):
+    db = tmp_path / "feedback.db"
+    app = create_app(make_settings(demo_model_dir, f"sqlite:///{db}"))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        wait_ready(client)
+        assert client.post("/v1/feedback", headers=KEY, json=answer("删除之前的一条")).status_code == 201
+        backup = tmp_path / "backup.db"
+        with sqlite3.connect(db) as source, sqlite3.connect(backup) as target:
+            source.backup(target)
+
+        for path in db_files(db):
+            path.unlink()
+        refused = client.post("/v1/feedback", headers=KEY, json=answer("删除之后的一条"))
+        assert refused.status_code == 503, refused.text
+        problem = refused.json()["detail"][0]
+        assert (problem["field"], problem["type"]) == ("store", "deleted")
+        ready = client.get("/ready")
+        assert ready.status_code == 503
+        assert ready.json()["status"] == "store_unavailable" and ready.json()["store"]["status"] == "deleted"
+        assert client.get("/v1/feedback/export", headers=KEY).status_code == 503
+        assert not db.exists()  # not silently recreated as an empty database
+
+        # The backup put back is another file: still refused until the server restarts on it.
+        backup.rename(db)
+        again = client.post("/v1/feedback", headers=KEY, json=answer("恢复文件后、重启之前"))
+        assert again.status_code == 503 and again.json()["detail"][0]["type"] == "deleted"
+
+    restarted = create_app(make_settings(demo_model_dir, f"sqlite:///{db}"))
+    with TestClient(restarted) as client:
+        wait_ready(client)
+        assert client.post("/v1/feedback", headers=KEY, json=answer("重启之后的一条")).status_code == 201
+        texts = [row.text for row in restarted.state.sanshi.store.rows()]
+    assert texts == ["删除之前的一条", "重启之后的一条"]  # every 201 is there, and nothing else
+
+
+def test_a_read_only_database_is_reported_by_ready_and_every_write_refused(demo_model_dir, tmp_path):
+    db = tmp_path / "feedback.db"
+    store = FeedbackStore(f"sqlite:///{db}")  # an existing database, with a row in it
+    store.add(FeedbackEntry(text="只读之前", model_version="v0", labels={"sanshi": "家事"}))
+    store.close()
+    with read_only_file(db):
+        app = create_app(make_settings(demo_model_dir, f"sqlite:///{db}"))
+        with TestClient(app, raise_server_exceptions=False) as client:
+            assert wait_settled(client)["status"] == "store_unavailable"
+            ready = client.get("/ready")
+            assert ready.status_code == 503
+            assert ready.json()["store"]["status"] == "read_only" and "read-only" in ready.json()["error"]
+            refused = client.post("/v1/feedback", headers=KEY, json=answer("只读时的一条"))
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["detail"][0]["type"] == "read_only"
+            assert client.post("/v1/suggest", json={"text": "小区路灯坏了"}).status_code == 200
+
+
+# --------------------------------------------------------------------------------------- logs, exports, error bodies
+
+
+FORGED = "ERROR serve.store: feedback 999 stored by an attacker"
+
+
+def test_a_client_value_cannot_forge_a_log_line(demo_model_dir, tmp_path, caplog):
+    app = create_app(make_settings(demo_model_dir, f"sqlite:///{tmp_path / 'f.db'}"))
+    with caplog.at_level(logging.DEBUG), TestClient(app) as client:
+        wait_ready(client)
+        for field in ("model_version", "clerk", "id"):
+            for breaker in ("\n", "\r\n", "\u2028", "\x85"):
+                response = client.post("/v1/feedback", headers=KEY, json=feedback_body(
+                    **{field: f"v1{breaker}{FORGED}"}))
+                assert response.status_code in (201, 422), response.text
+                if response.status_code == 422:
+                    assert_error(response, 422, field)
+    lines = caplog.text.splitlines()
+    assert not [line for line in lines if line.startswith(FORGED)], lines
+    for record in caplog.records:  # no message, however formatted, spans two lines
+        assert len(record.getMessage().splitlines()) <= 1, record.getMessage()
+
+
+def test_the_log_filter_escapes_every_line_break_and_control_character():
+    from serve.logs import EscapingFilter, escape
+
+    assert escape("v1\nINFO forged\r\x1b[31m\u2028\x85") == "v1\\nINFO forged\\r\\x1b[31m\\u2028\\x85"
+    assert escape("电梯 a\\b") == "电梯 a\\b"  # nothing to escape: the value as it is
+    record = logging.LogRecord("serve.store", logging.INFO, __file__, 1, "stored %d: model %s, %s", (
+        7, "v1\nERROR forged", ["a\nb"]), None)
+    assert EscapingFilter().filter(record)
+    assert record.getMessage() == "stored 7: model v1\\nERROR forged, ['a\\nb']"  # a list's repr escapes itself
+
+
 def test_exported_cells_cannot_run_as_spreadsheet_formulas(demo_model_dir, tmp_path):
     app = create_app(make_settings(demo_model_dir, f"sqlite:///{tmp_path / 'f.db'}"))
     values = {"id": "@SUM(1+1)*cmd|' /C calc'!A0", "title": '=HYPERLINK("http://evil.example","点击")',
@@ -480,3 +581,89 @@ def test_exported_cells_cannot_run_as_spreadsheet_formulas(demo_model_dir, tmp_p
     for row in rows:
         for cell in row.values():
             assert not cell.startswith(("=", "+", "-", "@", "\t", "\r")), cell
+
+
+def test_error_bodies_list_the_first_ten_problems_and_count_them_all(served):
+    records = [{"text": "电梯坏了", **{f"unknown_{n}": n for n in range(5)}} for _ in range(30)]
+    response = served.post("/v1/suggest/batch", json={"records": records})
+    body = assert_error(response, 422, "records.0.unknown_0", "unknown_field")
+    assert len(body["detail"]) == 10 and body["total"] == 150
+    assert "and 147 more" in body["message"]
+    assert len(response.content) < 4_000
+
+
+@pytest.mark.parametrize(("payload", "field", "kind"), [
+    pytest.param({"records": [{"text": "a", **{f"f{n}": 0 for n in range(100)}}]}, "records.0", "too_many_fields",
+                 id="too-many-fields"),
+    pytest.param({"text": "a", "title": [[[[[[[[["deep"]]]]]]]]]}, "title.0.0.0.0.0.0.0", "too_deep", id="too-deep"),
+    pytest.param({"records": [{"text": "a", "x": list(range(6_000))}]}, "body", "too_many_values",
+                 id="too-many-values"),
+])
+def test_a_body_shaped_like_no_request_is_refused_before_validation(served, payload, field, kind):
+    path = "/v1/suggest/batch" if "records" in payload else "/v1/suggest"
+    response = served.post(path, json=payload)
+    body = assert_error(response, 422, field, kind)
+    assert body["total"] == 1
+
+
+def test_each_endpoint_has_its_own_body_limit(served):
+    # Far under the batch endpoint's limit, far over what one clerk's answer can be: refused before it is read.
+    big = {**feedback_body(), "text": "电梯坏了" * 5_000, "padding": "x" * 600_000}
+    assert_error(served.post("/v1/feedback", headers=KEY, json=big), 413, "body", "body_too_large")
+    assert_error(served.post("/v1/suggest", json={"text": "a", "padding": "x" * 600_000}), 413, "body")
+
+
+# ---------------------------------------------------------------------------------------------- intranet details
+
+
+def test_probes_answer_head(served):
+    for path in ("/health", "/ready"):
+        response = served.head(path)
+        assert response.status_code == 200, path
+        assert response.content == b""
+
+
+def test_pages_send_a_content_security_policy_and_refuse_frames(served):
+    for path in ("/", "/docs", "/redoc"):
+        headers = served.get(path).headers
+        policy = dict(part.strip().split(" ", 1) for part in headers["content-security-policy"].split(";"))
+        assert policy["frame-ancestors"] == "'none'", path
+        assert policy["script-src"] == "'self'", path  # no inline script, no other origin
+        assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
+    page_policy = served.get("/").headers["content-security-policy"]
+    assert "unsafe-inline" not in page_policy and "default-src 'none'" in page_policy
+    assert served.get("/health").headers["x-content-type-options"] == "nosniff"
+
+
+def test_the_api_docs_are_served_from_the_package_not_a_cdn(served):
+    for path, assets in (("/docs", ["swagger-ui-bundle.js", "swagger-ui.css"]), ("/redoc", ["redoc.standalone.js"])):
+        html = served.get(path).text
+        assert "http://" not in html and "https://" not in html, html
+        assert "<script>" not in html  # no inline script: the CSP forbids it
+        for asset in assets:
+            assert f"/docs-assets/{asset}" in html
+            response = served.get(f"/docs-assets/{asset}")
+            assert response.status_code == 200 and len(response.content) > 100_000
+    assert served.get("/static/swagger-init.js").status_code == 200
+
+
+def test_only_allowed_host_names_are_answered(demo_model_dir, tmp_path):
+    settings = make_settings(demo_model_dir, f"sqlite:///{tmp_path / 'f.db'}",
+                             allowed_hosts=["testserver", "sanshi.intranet", "*.hotline.example"])
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/health").status_code == 200
+        assert client.get("/health", headers={"Host": "sanshi.intranet:8000"}).status_code == 200
+        assert client.get("/health", headers={"Host": "a.hotline.example"}).status_code == 200
+        refused = client.get("/health", headers={"Host": "attacker.example"})
+        assert_error(refused, 400, "Host", "invalid_host")
+        assert "SANSHI_ALLOWED_HOSTS" in refused.json()["message"]
+
+
+def test_the_default_allowed_hosts_are_localhost_and_the_bind_host(monkeypatch):
+    from serve.settings import Settings
+
+    monkeypatch.delenv("SANSHI_ALLOWED_HOSTS", raising=False)
+    assert Settings(model_dir="m").trusted_hosts == ["localhost", "127.0.0.1", "[::1]"]
+    assert "10.1.2.3" in Settings(model_dir="m", host="10.1.2.3").trusted_hosts
+    monkeypatch.setenv("SANSHI_ALLOWED_HOSTS", "sanshi.intranet, *.hotline.example")
+    assert Settings(model_dir="m").trusted_hosts == ["sanshi.intranet", "*.hotline.example"]

@@ -109,3 +109,40 @@ def test_a_clerk_gets_a_suggestion_corrects_it_and_the_correction_is_exported(ch
     assert row["三事"] == suggestion["fields"]["sanshi"]["label"]
     assert row["标题"] == TITLE and "13812345678" not in row["诉求内容"] and "PHONE" in row["诉求内容"]
     assert not [p for p in problems if "401" not in p], problems  # the refused submit logs a 401, nothing else
+
+
+def test_the_api_docs_render_with_the_network_closed(chromium, demo_model_dir, tmp_path):
+    """/docs (Swagger UI) and /redoc work on an intranet without internet access: every file they need comes from
+    the server, nothing is asked of another host, and the Content-Security-Policy blocks nothing they do."""
+    app = create_app(make_settings(demo_model_dir, f"sqlite:///{tmp_path / 'feedback.db'}"))
+    with LiveServer(app) as server:
+        context = chromium.new_context(viewport={"width": 1280, "height": 900})
+        elsewhere: list[str] = []
+
+        def only_the_server(route) -> None:  # the network is closed: only the server itself answers
+            if route.request.url.startswith(server.url + "/"):
+                route.continue_()
+            else:
+                elsewhere.append(route.request.url)
+                route.abort()
+
+        context.route("**/*", only_the_server)
+        page = context.new_page()
+        problems: list[str] = []
+        page.on("pageerror", lambda error: problems.append(str(error)))
+        page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+
+        page.goto(server.url + "/docs")
+        page.locator(".opblock").first.wait_for(timeout=20_000)
+        assert page.locator(".opblock").count() >= 7  # every operation of the API
+        assert "sanshi-ml intake server" in page.locator(".info .title").inner_text()
+
+        page.goto(server.url + "/redoc")
+        page.get_by_text("/v1/suggest/batch").first.wait_for(timeout=20_000)
+        assert page.get_by_text("sanshi-ml intake server").count() >= 1
+        context.close()
+    assert not elsewhere, elsewhere
+    # ReDoc 2.5 always tries to load its own logo from cdn.redoc.ly and hides it when that fails; the page's CSP
+    # stops the request before it leaves the browser. Nothing else may be blocked or fail.
+    logo = "https://cdn.redoc.ly/redoc/logo-mini.svg"
+    assert not [p for p in problems if logo not in p], problems

@@ -14,7 +14,7 @@ from sanshi_ml.train import train
 from serve.app import create_app
 from serve.settings import Settings
 from tests.conftest import DEMO_CSV
-from tests.system.serve_support import wait_ready, wait_settled
+from tests.system.serve_support import TEST_HOSTS, wait_ready, wait_settled
 
 pytestmark = pytest.mark.slow  # one tracked training and a registry round trip: about 15 s
 
@@ -39,7 +39,7 @@ def test_the_champion_is_served_from_the_registry(registry):
     params, result = registry["params"], registry["result"]
     uri = champion_uri(params)
     settings = Settings(model_uri=uri, tracking_uri=params.tracking.uri,
-                        database_url=f"sqlite:///{registry['root'] / 'feedback.db'}")
+                        database_url=f"sqlite:///{registry['root'] / 'feedback.db'}", allowed_hosts=TEST_HOSTS)
     app = create_app(settings)
     with TestClient(app) as client:
         ready = wait_ready(client)
@@ -59,7 +59,7 @@ def test_an_unknown_alias_is_reported_by_ready(registry):
     params = registry["params"]
     settings = Settings(model_uri=f"models:/{params.tracking.registered_model}@no-such-alias",
                         tracking_uri=params.tracking.uri,
-                        database_url=f"sqlite:///{registry['root'] / 'feedback2.db'}")
+                        database_url=f"sqlite:///{registry['root'] / 'feedback2.db'}", allowed_hosts=TEST_HOSTS)
     with TestClient(create_app(settings)) as client:
         body = wait_settled(client)
         assert body["status"] == "failed" and "no-such-alias" in body["error"]
