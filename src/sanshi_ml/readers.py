@@ -534,9 +534,13 @@ def swallowed(cell: str, column: int, width: int, delimiter: str) -> bool:
     """
     if width < 2:
         return False
-    lines = _BREAK.split(cell)
-    if len(lines) < 2 or '"' in lines[0] or lines[0].count(delimiter) != width - column - 1:
+    found = _BREAK.search(cell)
+    if found is None:
         return False
+    first = cell[:found.start()]  # most legitimate cells fail here, before the whole cell is split
+    if '"' in first or first.count(delimiter) != width - column - 1:
+        return False
+    lines = _BREAK.split(cell)
     if any('"' not in line and line.count(delimiter) == width - 1 for line in lines[1:-1]):
         return True
     if column == width - 1 and '"' not in lines[-1]:
@@ -574,8 +578,8 @@ def _cells_with_breaks(series: pd.Series) -> Iterator[str]:
                 hits.append(at)
                 at = data.find(needle, at + 1, end)
         if hits:
-            for cell in np.unique(np.searchsorted(offsets, hits, side="right") - 1):
-                yield chunk[int(cell)].as_py()
+            for cell in np.unique(np.searchsorted(offsets, hits, side="right") - 1).tolist():
+                yield data[offsets[cell]:offsets[cell + 1]].decode("utf-8", errors="replace")
 
 
 def _holds_swallowed(frame: pd.DataFrame, delimiter: str) -> bool:
