@@ -78,6 +78,7 @@ DOCS_ASSETS_DIR = Path(str(files("fastapi_offline") / "static"))
 API_KEY_HEADER = "X-API-Key"
 JSON = "application/json"
 MAX_ERROR_ITEMS = 10  # an error body lists this many problems, and counts the rest
+PROBE_PATHS = frozenset({"/health", "/ready"})
 
 # The shape a request body may have, checked before validation: a valid request is far inside these bounds, and an
 # invalid one cannot make validation (or its error list) grow with it.
@@ -175,10 +176,12 @@ class HostGuard(TrustedHostMiddleware):
     """Starlette's TrustedHostMiddleware (the same patterns), answering with this API's JSON error body.
 
     A page on localhost can be reached by any web site through DNS rebinding unless the Host header is checked.
+    The probes answer whatever the Host: load balancers and orchestrators address them by IP, and they tell
+    nothing a page could use.
     """
 
     async def __call__(self, scope, receive, send) -> None:
-        if self.allow_any or scope["type"] != "http":
+        if self.allow_any or scope["type"] != "http" or scope["path"] in PROBE_PATHS:
             await self.app(scope, receive, send)
             return
         host_header = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"host"), None)
