@@ -196,7 +196,10 @@ def _require_signed() -> bool:
     return os.environ.get(REQUIRE_SIGNED_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-_WARNED_UNSIGNED: set[str] = set()  # one warning per model directory and process
+_WARNED_UNSIGNED: set[str] = set()  # one note per model directory and process
+UNSIGNED_NOTE = (f"loaded without an authenticity check (no model key configured: set {KEY_FILE_ENV} or {KEY_ENV}, "
+                 f"and {REQUIRE_SIGNED_ENV}=1 to refuse unsigned models); its sha256 and the unpickler's allow-list "
+                 "still apply")
 
 
 def check_signature(metadata: dict, model_dir: Path, require_signed: bool | None = None) -> None:
@@ -208,11 +211,11 @@ def check_signature(metadata: dict, model_dir: Path, require_signed: bool | None
         if require:
             raise ArtifactError(f"{model_dir}: signed models are required ({REQUIRE_SIGNED_ENV}) but no model key "
                                 f"is configured to check them; set {KEY_FILE_ENV} or {KEY_ENV}")
+        # The usual case on an analyst's machine, so not a warning on every command; the server, where a
+        # planted model would matter most, warns at start-up (see `sanshi-ml serve`).
         if str(model_dir) not in _WARNED_UNSIGNED:
             _WARNED_UNSIGNED.add(str(model_dir))
-            log.warning("%s: loaded without an authenticity check (no model key configured: set %s or %s, and %s=1 "
-                        "to refuse unsigned models); its sha256 and the unpickler's allow-list still apply",
-                        model_dir, KEY_FILE_ENV, KEY_ENV, REQUIRE_SIGNED_ENV)
+            log.debug("%s: %s", model_dir, UNSIGNED_NOTE)
         return
     if not isinstance(recorded, dict) or recorded.get("algorithm") != SIGNATURE_ALGORITHM:
         raise ArtifactError(f"{model_dir}: the model is not signed, and a model key is configured; retrain it with "

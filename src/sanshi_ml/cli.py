@@ -406,7 +406,7 @@ def serve(
     import uvicorn
     from pydantic import ValidationError
 
-    from sanshi_ml.artifacts import read_metadata
+    from sanshi_ml.artifacts import UNSIGNED_NOTE, model_key, read_metadata
     from serve.settings import ENV_PREFIX, Settings
     from serve.store import FeedbackStore, StoreError
 
@@ -428,6 +428,8 @@ def serve(
         raise UsageError(f"feedback store unusable ({health.reason}): {health.message}")
     if settings.api_key is None:
         log.warning("SANSHI_API_KEY is not set: /v1/feedback and /v1/feedback/export refuse every request")
+    if model_key(settings.model_dir) is None:
+        log.warning("the model is %s", UNSIGNED_NOTE)
     if settings.allowed_hosts is None and host in ("0.0.0.0", "::"):
         log.warning("listening on every interface, but answering only for %s: set SANSHI_ALLOWED_HOSTS to the "
                     "names clerks use", ", ".join(settings.trusted_hosts))

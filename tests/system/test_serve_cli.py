@@ -69,6 +69,8 @@ def test_serve_starts_workers_that_answer_and_store_feedback(demo_model_dir, tmp
         output = server.communicate(timeout=30)[0].decode("utf-8", "replace")
     assert "Traceback" not in output
     assert f"serving {demo_model_dir} on http://127.0.0.1:{port} (2 workers)" in output
+    # No model key is configured here: the server says so once at start-up (other commands load quietly).
+    assert output.count("the model is loaded without an authenticity check") == 1
 
 
 def test_serve_with_a_missing_model_fails_in_one_line(tmp_path):
