@@ -25,8 +25,12 @@ from sklearn.model_selection import train_test_split
 from sklearn.svm import LinearSVC
 
 FJ2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "tipdm2020_c" / "fj2_segmented.csv"
-ENSEMBLES = {"svc+lr": ["svc", "lr"], "svc+nbsvm": ["svc", "nbsvm"], "svc+lr+nbsvm": ["svc", "lr", "nbsvm"],
-             "all four": ["svc", "lr", "sgd", "nbsvm"]}
+ENSEMBLES = {
+    "svc+lr": ["svc", "lr"],
+    "svc+nbsvm": ["svc", "nbsvm"],
+    "svc+lr+nbsvm": ["svc", "lr", "nbsvm"],
+    "all four": ["svc", "lr", "sgd", "nbsvm"],
+}
 
 
 def features(docs: list[str], raw: list[str], train: np.ndarray, test: np.ndarray):
@@ -69,9 +73,14 @@ def main() -> int:
         classes = np.unique(y[train])
         decisions = {
             "svc": LinearSVC(C=0.7, class_weight="balanced").fit(X, y[train]).decision_function(T),
-            "lr": LogisticRegression(C=20, max_iter=2000, class_weight="balanced").fit(X, y[train]).decision_function(T),
-            "sgd": SGDClassifier(loss="modified_huber", alpha=2e-5, class_weight="balanced", random_state=0,
-                                 max_iter=50).fit(X, y[train]).decision_function(T),
+            "lr": LogisticRegression(C=20, max_iter=2000, class_weight="balanced")
+            .fit(X, y[train])
+            .decision_function(T),
+            "sgd": SGDClassifier(
+                loss="modified_huber", alpha=2e-5, class_weight="balanced", random_state=0, max_iter=50
+            )
+            .fit(X, y[train])
+            .decision_function(T),
             "nbsvm": nbsvm_decisions(X, y[train], T, classes),
         }
         members = {name: [name] for name in decisions} | ENSEMBLES

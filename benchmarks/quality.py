@@ -44,7 +44,9 @@ PETITION_TARGETS = {"category": "一级分类", "sanshi": "三事", "unit": "承
 
 def reference_model(class_weight=None):
     """Plain TF-IDF word (1,2) + LinearSVC, the published baseline for this data."""
-    return make_pipeline(TfidfVectorizer(token_pattern=r"\S+", ngram_range=(1, 2)), LinearSVC(class_weight=class_weight))
+    return make_pipeline(
+        TfidfVectorizer(token_pattern=r"\S+", ngram_range=(1, 2)), LinearSVC(class_weight=class_weight)
+    )
 
 
 def _scores(y_true, y_pred) -> tuple[float, float]:
@@ -57,8 +59,9 @@ def random_split(records, test_size: float, seed: int, target: str) -> tuple[np.
     from sklearn.model_selection import train_test_split
 
     index = np.arange(len(records))
-    return tuple(train_test_split(index, test_size=test_size, stratify=records.labels(target).astype(str),
-                                  random_state=seed))
+    return tuple(
+        train_test_split(index, test_size=test_size, stratify=records.labels(target).astype(str), random_state=seed)
+    )
 
 
 def quiet(_message: str) -> None:
@@ -115,14 +118,17 @@ def shipped_model(name: str, params, records, tokens: np.ndarray, targets, class
     ours = out_of_fold_metrics(model, records)
     folds = evaluation_folds(records, params.train.calibration_cv)
     ref = cross_validated_reference(records, tokens, targets, folds, class_weight)
-    print(f"  shipped model: fitted on all {len(records)} rows; out-of-fold estimate ({len(folds)} folds, repeated "
-          f"texts together) beside the reference cross-validated on the same folds")
+    print(
+        f"  shipped model: fitted on all {len(records)} rows; out-of-fold estimate ({len(folds)} folds, repeated "
+        f"texts together) beside the reference cross-validated on the same folds"
+    )
     print(f"  {'target':>11} | sanshi-ml macro-F1  acc | reference macro-F1  acc | ratio")
     for target in targets:
         o_f1, o_acc = ours[target]["macro_f1"], ours[target]["accuracy"]
         r_f1, r_acc = ref[target]
-        print(f"  {target:>11} |           {o_f1:.3f} {o_acc:.3f} |           {r_f1:.3f} {r_acc:.3f} | "
-              f"{o_f1 / r_f1:.3f}x")
+        print(
+            f"  {target:>11} |           {o_f1:.3f} {o_acc:.3f} |           {r_f1:.3f} {r_acc:.3f} | {o_f1 / r_f1:.3f}x"
+        )
     return seconds
 
 
@@ -143,8 +149,10 @@ def training_times(name: str, params, records, rounds: int) -> None:
     print(f"  {name}: training time, median of {rounds} interleaved rounds (the first is the reference)")
     for kind, values in times.items():
         median = statistics.median(values)
-        print(f"    {kind:<70} {median:6.1f}s  ({' / '.join(f'{v:.1f}' for v in values)})  "
-              f"ratio {median / base:.2f}x; budget 120s: {'PASS' if median < 120 else 'FAIL'}")
+        print(
+            f"    {kind:<70} {median:6.1f}s  ({' / '.join(f'{v:.1f}' for v in values)})  "
+            f"ratio {median / base:.2f}x; budget 120s: {'PASS' if median < 120 else 'FAIL'}"
+        )
 
 
 def _before(params, records) -> None:
@@ -163,14 +171,18 @@ def _after(params, records, holdout: float) -> None:
 
 
 def fj2_benchmark(params, seeds, timing_rounds: int) -> None:
-    records = load_records(SHARED / "tipdm2020_c" / "fj2_segmented.csv",
-                           ColumnMap(segmented_col="分词文本", targets={"category": "一级标签"}))
+    records = load_records(
+        SHARED / "tipdm2020_c" / "fj2_segmented.csv",
+        ColumnMap(segmented_col="分词文本", targets={"category": "一级标签"}),
+    )
     texts = np.asarray(records.frame["segmented"].tolist(), dtype=object)
     y = records.labels("category")
     print(f"fj2_segmented: {len(records)} messages, 7 official classes, 70/30")
     gaps: dict[str, list] = {"category": []}
-    for kind, splitter in (("random stratified", lambda seed: random_split(records, 0.3, seed, "category")),
-                           ("stratified, duplicates kept together", lambda seed: split_indices(records, 0.3, seed))):
+    for kind, splitter in (
+        ("random stratified", lambda seed: random_split(records, 0.3, seed, "category")),
+        ("stratified, duplicates kept together", lambda seed: split_indices(records, 0.3, seed)),
+    ):
         ours, ref = [], []
         print(f"  split: {kind}")
         for seed in seeds:
@@ -184,15 +196,21 @@ def fj2_benchmark(params, seeds, timing_rounds: int) -> None:
                 gaps["category"].append(gap_rows(out_of_fold_metrics(model, train)["category"], held["category"]))
             reference = reference_model().fit(texts[train_idx], y[train_idx].astype(str))
             ref.append(_scores(y[test_idx], reference.predict(texts[test_idx])))
-            print(f"    seed {seed}: sanshi-ml macro-F1 {ours[-1][0]:.4f} acc {ours[-1][1]:.4f} | "
-                  f"reference macro-F1 {ref[-1][0]:.4f} acc {ref[-1][1]:.4f}")
+            print(
+                f"    seed {seed}: sanshi-ml macro-F1 {ours[-1][0]:.4f} acc {ours[-1][1]:.4f} | "
+                f"reference macro-F1 {ref[-1][0]:.4f} acc {ref[-1][1]:.4f}"
+            )
         o_f1, o_acc = (statistics.mean(v) for v in zip(*ours))
         r_f1, r_acc = (statistics.mean(v) for v in zip(*ref))
-        print(f"    mean : sanshi-ml macro-F1 {o_f1:.4f} acc {o_acc:.4f} | reference macro-F1 {r_f1:.4f} "
-              f"acc {r_acc:.4f} | ratio {o_f1 / r_f1:.3f}x | goal 0.94: {'PASS' if o_f1 >= 0.94 else 'FAIL'}")
+        print(
+            f"    mean : sanshi-ml macro-F1 {o_f1:.4f} acc {o_acc:.4f} | reference macro-F1 {r_f1:.4f} "
+            f"acc {r_acc:.4f} | ratio {o_f1 / r_f1:.3f}x | goal 0.94: {'PASS' if o_f1 >= 0.94 else 'FAIL'}"
+        )
 
-    print("  the check of the estimate: each seed's model, fitted on its 70%, reports an out-of-fold estimate of "
-          "itself from those rows alone; beside it, what the same model gets on the untouched 30%")
+    print(
+        "  the check of the estimate: each seed's model, fitted on its 70%, reports an out-of-fold estimate of "
+        "itself from those rows alone; beside it, what the same model gets on the untouched 30%"
+    )
     print_gaps(gaps)
     shipped_model("fj2", params, records, texts, ["category"])
     timings = []
@@ -206,9 +224,11 @@ def fj2_benchmark(params, seeds, timing_rounds: int) -> None:
         reference_model().fit(texts, y.astype(str))
         ref_times.append(time.perf_counter() - started)
     full, ref_full = statistics.median(timings), statistics.median(ref_times)
-    print(f"  full training on all {len(records)} rows (median of 3): sanshi-ml {full:.1f}s "
-          f"(cross-fitting, temperature, confidence map and prediction sets included), reference {ref_full:.1f}s, "
-          f"ratio {full / ref_full:.1f}x; budget 120s: {'PASS' if full < 120 else 'FAIL'}")
+    print(
+        f"  full training on all {len(records)} rows (median of 3): sanshi-ml {full:.1f}s "
+        f"(cross-fitting, temperature, confidence map and prediction sets included), reference {ref_full:.1f}s, "
+        f"ratio {full / ref_full:.1f}x; budget 120s: {'PASS' if full < 120 else 'FAIL'}"
+    )
     if timing_rounds:
         training_times("fj2", params, records, timing_rounds)
 
@@ -219,10 +239,13 @@ PETITION_GOALS = {"category": 0.72, "sanshi": 0.75, "unit": 0.70, "appeal": 0.82
 
 def petitions_benchmark(params, seeds, timing_rounds: int) -> None:
     targets = {**PETITION_TARGETS, "subcategory": "二级分类"}
-    records = load_records(SHARED / "petitions" / "petitions_silver.csv",
-                           ColumnMap(text_cols=("留言主题", "留言详情"), targets=targets))
-    print(f"\npetitions: {len(records)} messages (silver labels), title + text, stratified on category, 70/30, "
-          "duplicates kept together")
+    records = load_records(
+        SHARED / "petitions" / "petitions_silver.csv", ColumnMap(text_cols=("留言主题", "留言详情"), targets=targets)
+    )
+    print(
+        f"\npetitions: {len(records)} messages (silver labels), title + text, stratified on category, 70/30, "
+        "duplicates kept together"
+    )
     ours = {t: [] for t in targets}
     ref = {t: [] for t in targets}
     sanshi_classes: dict[str, list[tuple[float, float]]] = {"共事": [], "家事": []}
@@ -252,8 +275,16 @@ def petitions_benchmark(params, seeds, timing_rounds: int) -> None:
             precision = precision_score(y_sanshi, p_sanshi, labels=[label], average="macro", zero_division=0)
             sanshi_classes[label].append((recall, precision))
         pairs = set(zip(train.labels("category").astype(str), train.labels("subcategory").astype(str)))
-        consistent.append(np.mean([pair in pairs for pair in zip(predictions["category"].labels.astype(str),
-                                                                 predictions["subcategory"].labels.astype(str))]))
+        consistent.append(
+            np.mean(
+                [
+                    pair in pairs
+                    for pair in zip(
+                        predictions["category"].labels.astype(str), predictions["subcategory"].labels.astype(str)
+                    )
+                ]
+            )
+        )
     print(f"  {'target':>11} | sanshi-ml macro-F1  acc | reference macro-F1  acc | ratio | goal")
     for target in targets:
         o_f1, o_acc = (statistics.mean(v) for v in zip(*ours[target]))
@@ -262,12 +293,16 @@ def petitions_benchmark(params, seeds, timing_rounds: int) -> None:
         verdict = "" if goal is None else f"macro-F1 >= {goal}: {'PASS' if o_f1 >= goal else 'FAIL'}"
         if target == "category":
             verdict += f", accuracy >= 0.85: {'PASS' if o_acc >= 0.85 else 'FAIL'}"
-        print(f"  {target:>11} |           {o_f1:.3f} {o_acc:.3f} |           {r_f1:.3f} {r_acc:.3f} | "
-              f"{o_f1 / r_f1:.3f}x | {verdict}")
+        print(
+            f"  {target:>11} |           {o_f1:.3f} {o_acc:.3f} |           {r_f1:.3f} {r_acc:.3f} | "
+            f"{o_f1 / r_f1:.3f}x | {verdict}"
+        )
     for label, goal in (("共事", 0.65), ("家事", 0.50)):
         recall, precision = (statistics.mean(v) for v in zip(*sanshi_classes[label]))
-        print(f"  三事 {label}: recall {recall:.3f} (goal >= {goal}: {'PASS' if recall >= goal else 'FAIL'}), "
-              f"precision {precision:.3f} (>= 0.5: {'PASS' if precision >= 0.5 else 'FAIL'})")
+        print(
+            f"  三事 {label}: recall {recall:.3f} (goal >= {goal}: {'PASS' if recall >= goal else 'FAIL'}), "
+            f"precision {precision:.3f} (>= 0.5: {'PASS' if precision >= 0.5 else 'FAIL'})"
+        )
     print(f"  predicted (category, subcategory) pairs seen in training: {statistics.mean(consistent):.1%}")
     print("  the check of the estimate (as for fj2): out-of-fold estimate on the 70% / the untouched 30%")
     print_gaps(gaps)
@@ -283,8 +318,12 @@ def main() -> int:
     parser.add_argument("--skip-petitions", action="store_true")
     parser.add_argument("--skip-fj2", action="store_true")
     parser.add_argument("--timing-rounds", type=int, default=3, help="rounds of the training-time comparison (0: skip)")
-    parser.add_argument("--calibration-cv", type=int, default=None,
-                        help="cross-fitting folds instead of params.yaml's train.calibration_cv (e.g. 10)")
+    parser.add_argument(
+        "--calibration-cv",
+        type=int,
+        default=None,
+        help="cross-fitting folds instead of params.yaml's train.calibration_cv (e.g. 10)",
+    )
     args = parser.parse_args()
     if not SHARED.exists():
         print(f"needs the real data at {SHARED}", file=sys.stderr)

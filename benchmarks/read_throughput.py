@@ -38,8 +38,14 @@ def build_csv(n: int, path: Path, encoding: str, seed: int = 0) -> Path:
     messages = pd.read_csv(SHARED / "petitions" / "petitions_silver.csv", dtype=str, keep_default_na=False)
     rng = np.random.default_rng(seed)
     rows = messages.iloc[rng.integers(0, len(messages), n)].reset_index(drop=True)
-    frame = pd.DataFrame({"工单编号": [f"W{i:08d}" for i in range(n)], "标题": rows["留言主题"],
-                          "诉求内容": rows["留言详情"], "受理时间": rows["留言时间"]})
+    frame = pd.DataFrame(
+        {
+            "工单编号": [f"W{i:08d}" for i in range(n)],
+            "标题": rows["留言主题"],
+            "诉求内容": rows["留言详情"],
+            "受理时间": rows["留言时间"],
+        }
+    )
     frame.to_csv(path, index=False, encoding=encoding, errors="strict")
     return path
 
@@ -99,8 +105,10 @@ def main() -> None:
     for name, values in times.items():
         median = statistics.median(values)
         size = runs[name][0].stat().st_size / 2**20
-        print(f"{name:>14}: {size:6.1f} MiB, median {median:.3f} s of {len(values)} "
-              f"(min {min(values):.3f}, max {max(values):.3f}), {args.records / median:,.0f} records/s")
+        print(
+            f"{name:>14}: {size:6.1f} MiB, median {median:.3f} s of {len(values)} "
+            f"(min {min(values):.3f}, max {max(values):.3f}), {args.records / median:,.0f} records/s"
+        )
 
 
 if __name__ == "__main__":

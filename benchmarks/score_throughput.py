@@ -93,13 +93,28 @@ def petitions_model(model_dir: Path) -> Path:
     from sanshi_ml.train import train
 
     params = load_params(REPO / "params.yaml")
-    params = with_overrides(params, {
-        "data.columns": {"id_col": "留言编号", "text_cols": ["留言主题", "留言详情"], "time_col": "留言时间",
-                         "segmented_col": None, "targets": PETITION_TARGETS},
-        "split.stratify_target": "category", "tracking.enabled": False})
+    params = with_overrides(
+        params,
+        {
+            "data.columns": {
+                "id_col": "留言编号",
+                "text_cols": ["留言主题", "留言详情"],
+                "time_col": "留言时间",
+                "segmented_col": None,
+                "targets": PETITION_TARGETS,
+            },
+            "split.stratify_target": "category",
+            "tracking.enabled": False,
+        },
+    )
     print(f"training the benchmark model on petitions into {model_dir} …", flush=True)
-    train([SHARED / "petitions" / "petitions_silver.csv"], params, model_dir=model_dir, progress=lambda _m: None,
-          track=False)
+    train(
+        [SHARED / "petitions" / "petitions_silver.csv"],
+        params,
+        model_dir=model_dir,
+        progress=lambda _m: None,
+        track=False,
+    )
     return model_dir
 
 
@@ -156,17 +171,42 @@ def run_score(archive: Path, model_dir: Path, out: Path) -> dict:
     """One `sanshi-ml score --jobs 0` run, end to end, with its wall time, CPU time and peak memory."""
     cpu0 = children_cpu()
     started = time.perf_counter()
-    proc = subprocess.Popen([SANSHI_ML, "score", str(archive), "--model-dir", str(model_dir), "--out", str(out),
-                             "--jobs", "0", "--chunk-size", "10000", "--no-progress", "--overwrite", *COLUMN_ARGS],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            SANSHI_ML,
+            "score",
+            str(archive),
+            "--model-dir",
+            str(model_dir),
+            "--out",
+            str(out),
+            "--jobs",
+            "0",
+            "--chunk-size",
+            "10000",
+            "--no-progress",
+            "--overwrite",
+            *COLUMN_ARGS,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     with TreeMonitor(proc.pid) as monitor:
         stdout, stderr = proc.communicate()
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"sanshi-ml score failed:\n{stderr}")
     rows = pq.ParquetFile(out).metadata.num_rows
-    return {"wall": wall, "rows": rows, "rate": rows / wall, "cpu": children_cpu() - cpu0,
-            "peak_rss": monitor.peak_rss, "peak_pss": monitor.peak_pss, "log": stderr.strip().splitlines()[0]}
+    return {
+        "wall": wall,
+        "rows": rows,
+        "rate": rows / wall,
+        "cpu": children_cpu() - cpu0,
+        "peak_rss": monitor.peak_rss,
+        "peak_pss": monitor.peak_pss,
+        "log": stderr.strip().splitlines()[0],
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -189,17 +229,16 @@ def train_reference(work: Path, target: str = "category"):
     _REF["cut"] = rjieba.Jieba().cut
     frame = pd.read_csv(SHARED / "petitions" / "petitions_silver.csv", dtype=str, keep_default_na=False)
     column = PETITION_TARGETS[target]
-    lines = [f"__label__{label} {_segment(t, x)}" for t, x, label in zip(frame["留言主题"], frame["留言详情"],
-                                                                       frame[column])]
+    lines = [
+        f"__label__{label} {_segment(t, x)}" for t, x, label in zip(frame["留言主题"], frame["留言详情"], frame[column])
+    ]
     train_file = work / f"fasttext_train_{target}.txt"
     train_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return fasttext.train_supervised(str(train_file), epoch=25, wordNgrams=2, dim=100, minCount=1, thread=2,
-                                     verbose=0)
+    return fasttext.train_supervised(str(train_file), epoch=25, wordNgrams=2, dim=100, minCount=1, thread=2, verbose=0)
 
 
 def _reference_batches(archive: Path, batch: int = 20_000, part: int = 0, parts: int = 1):
-    for index, chunk in enumerate(pq.ParquetFile(archive).iter_batches(batch_size=batch,
-                                                                        columns=["标题", "诉求内容"])):
+    for index, chunk in enumerate(pq.ParquetFile(archive).iter_batches(batch_size=batch, columns=["标题", "诉求内容"])):
         if index % parts == part:
             yield chunk.column(0).to_pylist(), chunk.column(1).to_pylist()
 
@@ -230,7 +269,7 @@ def _front_stages_part(args: tuple[Path, int, int]) -> int:
     for titles, texts in _reference_batches(archive, part=part, parts=parts):
         inputs = [model_input(t, x) for t, x in zip(titles, texts)]
         for start in range(0, len(inputs), SCORE_BATCH):
-            model.segmenter.raw_cut_joined(model.normalize_many(mark_titles(inputs[start:start + SCORE_BATCH])))
+            model.segmenter.raw_cut_joined(model.normalize_many(mark_titles(inputs[start : start + SCORE_BATCH])))
         n += len(texts)
     return n
 
@@ -293,8 +332,10 @@ def profile(archive: Path, model_dir: Path) -> None:
     score_chunk(chunk, suggester, spec)
     profiler.stop()
     cpu = time.process_time() - cpu
-    print(f"profile of score_chunk on {len(chunk)} records in one process "
-          f"({cpu * 1e6 / len(chunk):.0f} µs CPU per record under the profiler):")
+    print(
+        f"profile of score_chunk on {len(chunk)} records in one process "
+        f"({cpu * 1e6 / len(chunk):.0f} µs CPU per record under the profiler):"
+    )
     print(profiler.output_text(unicode=True, color=False))
 
 
@@ -315,13 +356,17 @@ def main() -> None:
     work = args.workdir or Path(tempfile.gettempdir()) / "sanshi_score_bench"
     work.mkdir(parents=True, exist_ok=True)
     cores = len(os.sched_getaffinity(0))
-    print(f"machine: {cores} cores, {psutil.virtual_memory().total / 2**30:.1f} GiB; "
-          f"load average {os.getloadavg()[0]:.2f} at start")
+    print(
+        f"machine: {cores} cores, {psutil.virtual_memory().total / 2**30:.1f} GiB; "
+        f"load average {os.getloadavg()[0]:.2f} at start"
+    )
 
     messages = real_messages()
     archive = build_archive(messages, args.records, work / f"archive_{args.records}.parquet")
-    print(f"archive: {args.records:,} records sampled from {len(messages):,} real messages "
-          f"(mean {(messages['标题'].str.len() + messages['诉求内容'].str.len()).mean():.0f} characters)")
+    print(
+        f"archive: {args.records:,} records sampled from {len(messages):,} real messages "
+        f"(mean {(messages['标题'].str.len() + messages['诉求内容'].str.len()).mean():.0f} characters)"
+    )
     model_dir = petitions_model(args.model_dir or work / "model")
     if args.profile:
         profile(archive, model_dir)
@@ -329,37 +374,50 @@ def main() -> None:
     # The runs are interleaved, round by round (sanshi-ml, reference on 1 process, reference on every core), so a
     # host whose speed drifts during the benchmark (a shared VM's does) moves both sides of each ratio alike.
     reference_model = [train_reference(work)]
-    print(f"\n{args.repeats} rounds, each: sanshi-ml score --jobs 0 ({cores} processes, 4 targets), then the "
-          "reference (rjieba + fastText supervised predict, one target: category) on 1 process and on "
-          f"{cores}, same records:", flush=True)
+    print(
+        f"\n{args.repeats} rounds, each: sanshi-ml score --jobs 0 ({cores} processes, 4 targets), then the "
+        "reference (rjieba + fastText supervised predict, one target: category) on 1 process and on "
+        f"{cores}, same records:",
+        flush=True,
+    )
     runs, reference_runs, ceiling_runs = [], {1: [], cores: []}, {"rjieba": [], "front": []}
     for i in range(args.repeats):
         runs.append(run_score(archive, model_dir, work / "scored.parquet"))
         r = runs[-1]
-        print(f"  round {i + 1}: sanshi-ml {r['rate']:,.0f} records/s end to end ({r['wall']:.1f}s), "
-              f"{r['cpu'] * 1e6 / r['rows']:.0f} µs CPU per record, peak RSS sum {r['peak_rss'] / 2**20:,.0f} MiB, "
-              f"PSS sum {r['peak_pss'] / 2**20:,.0f} MiB\n    {r['log']}", flush=True)
+        print(
+            f"  round {i + 1}: sanshi-ml {r['rate']:,.0f} records/s end to end ({r['wall']:.1f}s), "
+            f"{r['cpu'] * 1e6 / r['rows']:.0f} µs CPU per record, peak RSS sum {r['peak_rss'] / 2**20:,.0f} MiB, "
+            f"PSS sum {r['peak_pss'] / 2**20:,.0f} MiB\n    {r['log']}",
+            flush=True,
+        )
         for jobs in reference_runs:
             reference_runs[jobs].append(run_reference(reference_model, archive, jobs))
             ref = reference_runs[jobs][-1]
-            print(f"    reference, {jobs} process(es): {ref['rate']:,.0f} records/s, "
-                  f"{ref['cpu'] * 1e6 / ref['rows']:.0f} µs CPU per record -> this round's ratio "
-                  f"{r['rate'] / ref['rate']:.2f}x", flush=True)
+            print(
+                f"    reference, {jobs} process(es): {ref['rate']:,.0f} records/s, "
+                f"{ref['cpu'] * 1e6 / ref['rows']:.0f} µs CPU per record -> this round's ratio "
+                f"{r['rate'] / ref['rate']:.2f}x",
+                flush=True,
+            )
         # Ceilings: what segmenting alone reaches here, whatever comes after it.
         ceiling_runs["rjieba"].append(run_reference([], archive, cores))
         ceiling_runs["front"].append(run_front_stages(model_dir, archive, cores))
-        print(f"    ceilings, {cores} processes: rjieba segmentation alone (the reference without fastText) "
-              f"{ceiling_runs['rjieba'][-1]['rate']:,.0f} records/s; sanshi-ml's normalisation + segmentation alone "
-              f"{ceiling_runs['front'][-1]['rate']:,.0f} records/s", flush=True)
+        print(
+            f"    ceilings, {cores} processes: rjieba segmentation alone (the reference without fastText) "
+            f"{ceiling_runs['rjieba'][-1]['rate']:,.0f} records/s; sanshi-ml's normalisation + segmentation alone "
+            f"{ceiling_runs['front'][-1]['rate']:,.0f} records/s",
+            flush=True,
+        )
     ours = statistics.median(r["rate"] for r in runs)
     reference = {jobs: statistics.median(r["rate"] for r in results) for jobs, results in reference_runs.items()}
-    ratio = {jobs: statistics.median(ours_run["rate"] / ref["rate"] for ours_run, ref in zip(runs, results))
-             for jobs, results in reference_runs.items()}
+    ratio = {
+        jobs: statistics.median(ours_run["rate"] / ref["rate"] for ours_run, ref in zip(runs, results))
+        for jobs, results in reference_runs.items()
+    }
     reference_cpu = [r["cpu"] / r["rows"] for results in reference_runs.values() for r in results]
 
     print("context: the same reference with one fastText model per target (all four), 1 process:", flush=True)
-    four = [run_reference([train_reference(work, t) for t in PETITION_TARGETS], archive, 1)
-            for _ in range(1)][0]
+    four = [run_reference([train_reference(work, t) for t in PETITION_TARGETS], archive, 1) for _ in range(1)][0]
     print(f"  {four['rate']:,.0f} records/s, {four['cpu'] / four['rows'] * 1e6:.0f} µs CPU per record", flush=True)
 
     peak_200 = max(r["peak_rss"] for r in runs), max(r["peak_pss"] for r in runs)
@@ -367,43 +425,66 @@ def main() -> None:
     ref_cpu = statistics.median(reference_cpu)
     print("\nsummary")
     print(f"  sanshi-ml score, {cores} processes, 4 targets: {ours:,.0f} records/s (median)")
-    print(f"  CPU per record (insensitive to other load on the machine): sanshi-ml {our_cpu * 1e6:.0f} µs "
-          f"(start-up included), reference {ref_cpu * 1e6:.0f} µs -> the reference costs "
-          f"{ref_cpu / our_cpu:.2f}x ours; on {cores} idle cores that is at most {cores / our_cpu:,.0f} records/s")
-    print(f"  fastText reference, 1 process:   {reference[1]:,.0f} records/s (median) -> ratio {ratio[1]:.2f}x "
-          "(median of the rounds' ratios)")
-    print(f"  fastText reference, {cores} processes:  {reference[cores]:,.0f} records/s (median) -> "
-          f"ratio {ratio[cores]:.2f}x (median of the rounds' ratios)")
-    print(f"  fastText, four models (one per target), 1 process: {four['rate']:,.0f} records/s -> "
-          f"ratio {ours / four['rate']:.2f}x")
+    print(
+        f"  CPU per record (insensitive to other load on the machine): sanshi-ml {our_cpu * 1e6:.0f} µs "
+        f"(start-up included), reference {ref_cpu * 1e6:.0f} µs -> the reference costs "
+        f"{ref_cpu / our_cpu:.2f}x ours; on {cores} idle cores that is at most {cores / our_cpu:,.0f} records/s"
+    )
+    print(
+        f"  fastText reference, 1 process:   {reference[1]:,.0f} records/s (median) -> ratio {ratio[1]:.2f}x "
+        "(median of the rounds' ratios)"
+    )
+    print(
+        f"  fastText reference, {cores} processes:  {reference[cores]:,.0f} records/s (median) -> "
+        f"ratio {ratio[cores]:.2f}x (median of the rounds' ratios)"
+    )
+    print(
+        f"  fastText, four models (one per target), 1 process: {four['rate']:,.0f} records/s -> "
+        f"ratio {ours / four['rate']:.2f}x"
+    )
     ceiling = {name: statistics.median(r["rate"] for r in results) for name, results in ceiling_runs.items()}
     front_cpu = statistics.median(r["cpu"] / r["rows"] for r in ceiling_runs["front"])
-    print(f"  ceilings, {cores} processes (medians): rjieba segmentation alone {ceiling['rjieba']:,.0f} records/s; "
-          f"sanshi-ml's normalisation + segmentation alone {ceiling['front']:,.0f} records/s "
-          f"({front_cpu * 1e6:.0f} µs CPU per record)")
-    print(f"  15,000 records/s on {cores} cores allows {cores / 15_000 * 1e6:.0f} µs CPU per record: after "
-          f"normalising and segmenting, {max(cores / 15_000 - front_cpu, 0) * 1e6:.0f} µs would be left for "
-          f"features, four heads, calibration, policy and Parquet; sanshi-ml spends "
-          f"{(our_cpu - front_cpu) * 1e6:.0f} µs on them (start-up included)")
-    print(f"  peak memory at {args.records:,}: RSS sum {peak_200[0] / 2**20:,.0f} MiB, "
-          f"PSS sum {peak_200[1] / 2**20:,.0f} MiB")
+    print(
+        f"  ceilings, {cores} processes (medians): rjieba segmentation alone {ceiling['rjieba']:,.0f} records/s; "
+        f"sanshi-ml's normalisation + segmentation alone {ceiling['front']:,.0f} records/s "
+        f"({front_cpu * 1e6:.0f} µs CPU per record)"
+    )
+    print(
+        f"  15,000 records/s on {cores} cores allows {cores / 15_000 * 1e6:.0f} µs CPU per record: after "
+        f"normalising and segmenting, {max(cores / 15_000 - front_cpu, 0) * 1e6:.0f} µs would be left for "
+        f"features, four heads, calibration, policy and Parquet; sanshi-ml spends "
+        f"{(our_cpu - front_cpu) * 1e6:.0f} µs on them (start-up included)"
+    )
+    print(
+        f"  peak memory at {args.records:,}: RSS sum {peak_200[0] / 2**20:,.0f} MiB, "
+        f"PSS sum {peak_200[1] / 2**20:,.0f} MiB"
+    )
     if args.big:
         big = build_archive(messages, args.big, work / f"archive_{args.big}.parquet", seed=1)
         r = run_score(big, model_dir, work / "scored_big.parquet")
-        print(f"  {args.big:,} records: {r['rate']:,.0f} records/s ({r['wall']:.0f}s), peak RSS sum "
-              f"{r['peak_rss'] / 2**20:,.0f} MiB, PSS sum {r['peak_pss'] / 2**20:,.0f} MiB "
-              f"(x{r['peak_pss'] / max(peak_200[1], 1):.2f} the {args.records:,}-record peak)")
+        print(
+            f"  {args.big:,} records: {r['rate']:,.0f} records/s ({r['wall']:.0f}s), peak RSS sum "
+            f"{r['peak_rss'] / 2**20:,.0f} MiB, PSS sum {r['peak_pss'] / 2**20:,.0f} MiB "
+            f"(x{r['peak_pss'] / max(peak_200[1], 1):.2f} the {args.records:,}-record peak)"
+        )
         # A yearly archive is tens of millions of records: there the start-up (one core busy, the other idle, a
         # few seconds) no longer counts, so the ratio at this size is the one such a run sees.
         ref_big = run_reference(reference_model, big, cores)
-        print(f"  {args.big:,} records, fastText reference, {cores} processes, straight after: "
-              f"{ref_big['rate']:,.0f} records/s -> ratio {r['rate'] / ref_big['rate']:.2f}x")
-    goals = [("≥ 15,000 records/s", ours >= 15_000), ("≥ 1.0x the 1-process reference", ratio[1] >= 1.0),
-             (f"≥ 1.0x the {cores}-process reference", ratio[cores] >= 1.0),
-             ("peak PSS < 1.5 GB", peak_200[1] < 1.5e9)]
+        print(
+            f"  {args.big:,} records, fastText reference, {cores} processes, straight after: "
+            f"{ref_big['rate']:,.0f} records/s -> ratio {r['rate'] / ref_big['rate']:.2f}x"
+        )
+    goals = [
+        ("≥ 15,000 records/s", ours >= 15_000),
+        ("≥ 1.0x the 1-process reference", ratio[1] >= 1.0),
+        (f"≥ 1.0x the {cores}-process reference", ratio[cores] >= 1.0),
+        ("peak PSS < 1.5 GB", peak_200[1] < 1.5e9),
+    ]
     print("  goals: " + "; ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in goals))
-    print(f"load average {os.getloadavg()[0]:.2f} at the end (with {cores} cores, anything above 0 is other work "
-          "competing with the benchmark)")
+    print(
+        f"load average {os.getloadavg()[0]:.2f} at the end (with {cores} cores, anything above 0 is other work "
+        "competing with the benchmark)"
+    )
 
 
 if __name__ == "__main__":

@@ -29,21 +29,32 @@ PETITION_TARGETS = {"category": "一级分类", "sanshi": "三事", "unit": "承
 
 def datasets() -> dict[str, tuple]:
     return {
-        "fj2": (lambda: load_records(SHARED / "tipdm2020_c" / "fj2_segmented.csv",
-                                     ColumnMap(segmented_col="分词文本", targets={"category": "一级标签"})), "category"),
-        "petitions": (lambda: load_records(SHARED / "petitions" / "petitions_silver.csv",
-                                           ColumnMap(text_cols=("留言主题", "留言详情"), targets=PETITION_TARGETS)),
-                      "category"),
+        "fj2": (
+            lambda: load_records(
+                SHARED / "tipdm2020_c" / "fj2_segmented.csv",
+                ColumnMap(segmented_col="分词文本", targets={"category": "一级标签"}),
+            ),
+            "category",
+        ),
+        "petitions": (
+            lambda: load_records(
+                SHARED / "petitions" / "petitions_silver.csv",
+                ColumnMap(text_cols=("留言主题", "留言详情"), targets=PETITION_TARGETS),
+            ),
+            "category",
+        ),
     }
 
 
 def row(name: str, target: str, m: dict) -> str:
     conformal = m.get("conformal") or {}
     acc, cov = m["accuracy_at_coverage"], m["coverage_at_accuracy"]
-    return (f"| {name} | {target} | {m['macro_f1']:.3f} | {m['ece_uncalibrated']:.3f} | {m['ece']:.3f} | "
-            f"{m['aurc']:.4f} | {acc['0.8']:.3f} | {acc['0.9']:.3f} | {cov['0.95']:.1%} | {cov['0.98']:.1%} | "
-            f"{conformal.get('coverage', float('nan')):.3f} | {conformal.get('mean_set_size', float('nan')):.2f} | "
-            f"{conformal.get('single_label_share', float('nan')):.1%} |")
+    return (
+        f"| {name} | {target} | {m['macro_f1']:.3f} | {m['ece_uncalibrated']:.3f} | {m['ece']:.3f} | "
+        f"{m['aurc']:.4f} | {acc['0.8']:.3f} | {acc['0.9']:.3f} | {cov['0.95']:.1%} | {cov['0.98']:.1%} | "
+        f"{conformal.get('coverage', float('nan')):.3f} | {conformal.get('mean_set_size', float('nan')):.2f} | "
+        f"{conformal.get('single_label_share', float('nan')):.1%} |"
+    )
 
 
 def main() -> int:
@@ -57,8 +68,10 @@ def main() -> int:
         print(f"needs the real data at {SHARED}", file=sys.stderr)
         return 2
     params = load_params(REPO / "params.yaml")
-    print("| data | target | macro-F1 | ECE before | ECE after | AURC | acc@80% cov | acc@90% cov | cov@95% acc "
-          "| cov@98% acc | set coverage | mean set size | single-label |")
+    print(
+        "| data | target | macro-F1 | ECE before | ECE after | AURC | acc@80% cov | acc@90% cov | cov@95% acc "
+        "| cov@98% acc | set coverage | mean set size | single-label |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.data:
         load, stratify = datasets()[name]
@@ -68,15 +81,20 @@ def main() -> int:
         for variant in args.variants:
             update = dict(item.split("=", 1) for item in variant.split(",")) if variant != "-" else {}
             train_cfg = params.train.model_validate({**params.train.model_dump(), **update})
-            model = TriageModel(params.text, params.features, train_cfg).fit(subset(records, train_idx),
-                                                                            progress=lambda _m: None)
+            model = TriageModel(params.text, params.features, train_cfg).fit(
+                subset(records, train_idx), progress=lambda _m: None
+            )
             metrics = evaluate_model(model, test, params.evaluate.reliability_bins)
             label = f"{name} ({variant})" if variant != "-" else name
             for target, m in metrics.items():
                 print(row(label, target, m), flush=True)
             if args.out:
-                write_report(metrics, test, model.predict_records(test),
-                             args.out / f"{name}_{variant.replace('=', '-').replace(',', '_')}")
+                write_report(
+                    metrics,
+                    test,
+                    model.predict_records(test),
+                    args.out / f"{name}_{variant.replace('=', '-').replace(',', '_')}",
+                )
     return 0
 
 

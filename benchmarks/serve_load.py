@@ -47,8 +47,9 @@ TARGETS = {"category": "一级分类", "sanshi": "三事", "unit": "承办单位
 # ------------------------------------------------------------------------------------------------ the load client
 
 
-async def _drive(host: str, port: int, method: str, path: str, bodies: list[bytes], total: int,
-                 concurrency: int) -> dict:
+async def _drive(
+    host: str, port: int, method: str, path: str, bodies: list[bytes], total: int, concurrency: int
+) -> dict:
     """``total`` requests over ``concurrency`` keep-alive connections; latency measured per request."""
     latencies: list[float] = []
     statuses: dict[int, int] = {}
@@ -98,8 +99,7 @@ def client_main(args: argparse.Namespace) -> None:
     except ImportError:
         pass
     bodies = [line.rstrip(b"\n") for line in Path(args.bodies).read_bytes().splitlines()] if args.bodies else []
-    result = asyncio.run(_drive("127.0.0.1", args.port, args.method, args.path, bodies, args.total,
-                                args.concurrency))
+    result = asyncio.run(_drive("127.0.0.1", args.port, args.method, args.path, bodies, args.total, args.concurrency))
     print(json.dumps(result))
 
 
@@ -125,10 +125,20 @@ def ensure_model(model_dir: Path, data: Path) -> Path:
     from sanshi_ml.config import load_params, with_overrides
     from sanshi_ml.train import train
 
-    params = with_overrides(load_params(REPO / "params.yaml"), {
-        "data.columns": {"id_col": "留言编号", "text_cols": ["留言主题", "留言详情"], "time_col": "留言时间",
-                         "segmented_col": None, "targets": TARGETS},
-        "split.stratify_target": "category", "tracking.enabled": False})
+    params = with_overrides(
+        load_params(REPO / "params.yaml"),
+        {
+            "data.columns": {
+                "id_col": "留言编号",
+                "text_cols": ["留言主题", "留言详情"],
+                "time_col": "留言时间",
+                "segmented_col": None,
+                "targets": TARGETS,
+            },
+            "split.stratify_target": "category",
+            "tracking.enabled": False,
+        },
+    )
     print(f"training a model on {data} into {model_dir} …")
     started = time.perf_counter()
     train([data], params, model_dir=model_dir, progress=lambda _m: None, track=False)
@@ -142,12 +152,16 @@ def request_bodies(data: Path, n: int, batch: int, seed: int = 0) -> tuple[list[
 
     frame = pd.read_csv(data, dtype=str, keep_default_na=False, usecols=["留言编号", "留言主题", "留言详情"])
     rows = frame.sample(n=min(n, len(frame)), random_state=seed)
-    records = [{"id": i, "title": t, "text": x} for i, t, x in zip(rows["留言编号"], rows["留言主题"], rows["留言详情"])
-               if x.strip()]
+    records = [
+        {"id": i, "title": t, "text": x}
+        for i, t, x in zip(rows["留言编号"], rows["留言主题"], rows["留言详情"])
+        if x.strip()
+    ]
     singles = [json.dumps(r, ensure_ascii=False).encode("utf-8") for r in records]
     rng = random.Random(seed)
-    batches = [json.dumps({"records": rng.sample(records, batch)}, ensure_ascii=False).encode("utf-8")
-               for _ in range(20)]
+    batches = [
+        json.dumps({"records": rng.sample(records, batch)}, ensure_ascii=False).encode("utf-8") for _ in range(20)
+    ]
     return singles, batches
 
 
@@ -156,7 +170,9 @@ def maximal_batch(data: Path, records: int, chars: int) -> bytes:
     petitions one after another."""
     import pandas as pd
 
-    texts = [t for t in pd.read_csv(data, dtype=str, keep_default_na=False, usecols=["留言详情"])["留言详情"] if t.strip()]
+    texts = [
+        t for t in pd.read_csv(data, dtype=str, keep_default_na=False, usecols=["留言详情"])["留言详情"] if t.strip()
+    ]
     out, position = [], 0
     for number in range(records):
         text = ""
@@ -180,8 +196,21 @@ def server_rss(pid: int) -> float:
 
 
 def run_level(port: int, method: str, path: str, bodies_file: str | None, total: int, concurrency: int) -> dict:
-    cmd = [sys.executable, __file__, "--client", "--port", str(port), "--method", method, "--path", path,
-           "--total", str(total), "--concurrency", str(concurrency)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--client",
+        "--port",
+        str(port),
+        "--method",
+        method,
+        "--path",
+        path,
+        "--total",
+        str(total),
+        "--concurrency",
+        str(concurrency),
+    ]
     if bodies_file:
         cmd += ["--bodies", bodies_file]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900)
@@ -192,8 +221,16 @@ def run_level(port: int, method: str, path: str, bodies_file: str | None, total:
         return lat[min(len(lat) - 1, int(q * len(lat)))] * 1e3 if lat else float("nan")
 
     errors = sum(c for s, c in raw["statuses"].items() if int(s) >= 400) + len(raw["failures"])
-    return {"n": len(lat), "p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99), "rps": len(lat) / raw["elapsed"],
-            "max": lat[-1] * 1e3 if lat else float("nan"), "errors": errors, "failures": raw["failures"][:3]}
+    return {
+        "n": len(lat),
+        "p50": pct(0.50),
+        "p95": pct(0.95),
+        "p99": pct(0.99),
+        "rps": len(lat) / raw["elapsed"],
+        "max": lat[-1] * 1e3 if lat else float("nan"),
+        "errors": errors,
+        "failures": raw["failures"][:3],
+    }
 
 
 def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 300) -> float:
@@ -227,13 +264,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=DATA, help="petitions CSV (for training and request texts)")
     parser.add_argument("--requests", type=int, default=2000, help="requests per level")
     parser.add_argument("--levels", default="1,8,32", help="concurrent clients, comma-separated")
-    parser.add_argument("--workers", default=f"1,{os.cpu_count() or 1}",
-                        help="server worker processes, comma-separated: each count gets its own server and run")
+    parser.add_argument(
+        "--workers",
+        default=f"1,{os.cpu_count() or 1}",
+        help="server worker processes, comma-separated: each count gets its own server and run",
+    )
     parser.add_argument("--batch", type=int, default=32, help="records per batch request in the batch level")
-    parser.add_argument("--maximal", action=argparse.BooleanOptionalAction, default=True,
-                        help="measure /health and single suggestions while maximal batches run")
-    parser.add_argument("--maximal-requests", type=int, default=300,
-                        help="/health and single-suggestion requests measured while maximal batches run")
+    parser.add_argument(
+        "--maximal",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure /health and single suggestions while maximal batches run",
+    )
+    parser.add_argument(
+        "--maximal-requests",
+        type=int,
+        default=300,
+        help="/health and single-suggestion requests measured while maximal batches run",
+    )
     args = parser.parse_args(argv)
     if args.client:
         client_main(args)
@@ -247,16 +295,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.maximal:
         (work / "maximal.jsonl").write_bytes(maximal_batch(args.data, 256, 20_000) + b"\n")
     levels = [int(c) for c in args.levels.split(",")]
-    print(f"{os.cpu_count()} cores; {len(singles)} distinct request texts from {args.data.name}; "
-          f"{args.requests} requests per level")
+    print(
+        f"{os.cpu_count()} cores; {len(singles)} distinct request texts from {args.data.name}; "
+        f"{args.requests} requests per level"
+    )
     try:
         verdicts = []
         for workers in [int(w) for w in str(args.workers).split(",")]:
             rows = run_server(model_dir, work, workers, levels, args)
             verdicts.append((workers, report(rows, workers, args.batch)))
         for workers, ok in verdicts:
-            print(f"goals with {workers} worker(s) (p99 < 25 ms at c=1, >= 400 req/s at c=8, no errors, "
-                  f"RSS growth < 5%, p99 < 300 ms while maximal batches run): {'met' if ok else 'NOT met'}")
+            print(
+                f"goals with {workers} worker(s) (p99 < 25 ms at c=1, >= 400 req/s at c=8, no errors, "
+                f"RSS growth < 5%, p99 < 300 ms while maximal batches run): {'met' if ok else 'NOT met'}"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -265,8 +317,18 @@ def run_server(model_dir: Path, work: Path, workers: int, levels: list[int], arg
     """Start `sanshi-ml serve` with ``workers`` processes and run every level against it."""
     port = free_port()
     exe = Path(sys.executable).with_name("sanshi-ml")
-    cmd = [str(exe) if exe.exists() else "sanshi-ml", "serve", "--model-dir", str(model_dir), "--port", str(port),
-           "--workers", str(workers), "--database-url", f"sqlite:///{work / 'feedback.db'}"]
+    cmd = [
+        str(exe) if exe.exists() else "sanshi-ml",
+        "serve",
+        "--model-dir",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--database-url",
+        f"sqlite:///{work / 'feedback.db'}",
+    ]
     env = {**os.environ, "SANSHI_API_KEY": "load-test"}
     server = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -306,9 +368,27 @@ def under_maximal_batches(port: int, work: Path, requests: int, pid: int) -> lis
     alone = run_level(port, "GET", "/health", None, requests, 1)
     rss_before = server_rss(pid)
     # The batch client runs until it is stopped (far more batches than the measurement needs).
-    sender = subprocess.Popen([sys.executable, __file__, "--client", "--port", str(port), "--method", "POST",
-                               "--path", "/v1/suggest/batch", "--bodies", str(work / "maximal.jsonl"), "--total",
-                               "1000", "--concurrency", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sender = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--client",
+            "--port",
+            str(port),
+            "--method",
+            "POST",
+            "--path",
+            "/v1/suggest/batch",
+            "--bodies",
+            str(work / "maximal.jsonl"),
+            "--total",
+            "1000",
+            "--concurrency",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         time.sleep(2.0)  # the first batch is read, parsed and under way
         health = run_level(port, "GET", "/health", None, requests, 1)
@@ -320,41 +400,61 @@ def under_maximal_batches(port: int, work: Path, requests: int, pid: int) -> lis
     if not still_running:
         print("   warning: the maximal-batch client stopped before the measurement ended", file=sys.stderr)
     health["alone"] = single["alone"] = alone
-    return [("health (max batches)", health, alone, rss_before, server_rss(pid)),
-            ("suggest (max batches)", single, alone, rss_before, server_rss(pid))]
+    return [
+        ("health (max batches)", health, alone, rss_before, server_rss(pid)),
+        ("suggest (max batches)", single, alone, rss_before, server_rss(pid)),
+    ]
 
 
 def report(rows: list, workers: int, batch: int) -> bool:
     """Print one server's table; True if the goals are met."""
-    print(f"{'level':<16}{'requests':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'req/s':>9}"
-          f"{'/health':>9}{'ratio':>7}{'errors':>8}   RSS MB (all workers)")
+    print(
+        f"{'level':<16}{'requests':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'req/s':>9}"
+        f"{'/health':>9}{'ratio':>7}{'errors':>8}   RSS MB (all workers)"
+    )
     loaded = [row for row in rows if "alone" in row[1]]
     for name, res, ref, before, after in rows:
         if "alone" in res:
             continue
         ref_rps = f"{ref['rps']:>9.0f}" if ref else f"{'':>9}"
         ratio = f"{res['rps'] / ref['rps']:>7.2f}" if ref else f"{'':>7}"
-        print(f"{name:<16}{res['n']:>9}{res['p50']:>9.2f}{res['p95']:>9.2f}{res['p99']:>9.2f}{res['rps']:>9.0f}"
-              f"{ref_rps}{ratio}{res['errors']:>8}   {before:.0f} → {after:.0f}")
+        print(
+            f"{name:<16}{res['n']:>9}{res['p50']:>9.2f}{res['p95']:>9.2f}{res['p99']:>9.2f}{res['rps']:>9.0f}"
+            f"{ref_rps}{ratio}{res['errors']:>8}   {before:.0f} → {after:.0f}"
+        )
         if res["failures"]:
             print(f"   failures: {res['failures']}")
     batch_row = next(row for row in rows if row[0].startswith("batch"))
     print(f"batch level: {batch_row[1]['rps'] * batch:.0f} records/s in {batch}-record requests")
     if loaded:
         alone = loaded[0][1]["alone"]
-        print(f"while maximal batches run (256 x 20,000 characters, one after the other), one client each; "
-              f"/health alone just before: p50 {alone['p50']:.2f} ms, p99 {alone['p99']:.2f} ms")
-        print(f"{'level':<24}{'requests':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'p50 ratio':>11}"
-              f"{'p99 ratio':>11}{'errors':>8}")
+        print(
+            f"while maximal batches run (256 x 20,000 characters, one after the other), one client each; "
+            f"/health alone just before: p50 {alone['p50']:.2f} ms, p99 {alone['p99']:.2f} ms"
+        )
+        print(
+            f"{'level':<24}{'requests':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'p50 ratio':>11}"
+            f"{'p99 ratio':>11}{'errors':>8}"
+        )
         for name, res, *_ in loaded:
-            print(f"{name:<24}{res['n']:>9}{res['p50']:>9.2f}{res['p99']:>9.2f}{res['max']:>9.2f}"
-                  f"{res['p50'] / alone['p50']:>11.1f}{res['p99'] / alone['p99']:>11.1f}{res['errors']:>8}")
+            print(
+                f"{name:<24}{res['n']:>9}{res['p50']:>9.2f}{res['p99']:>9.2f}{res['max']:>9.2f}"
+                f"{res['p50'] / alone['p50']:>11.1f}{res['p99'] / alone['p99']:>11.1f}{res['errors']:>8}"
+            )
     single = {name: res for name, res, *_ in rows}
     one, eight = single.get("suggest  c=1"), single.get("suggest  c=8")
     first_rss, last_rss = rows[0][3], batch_row[4]
     stalls = all(res["p99"] < 300 for _, res, *_ in loaded)
-    return bool(one and eight and one["p99"] < 25 and eight["rps"] >= 400 and stalls
-                and all(r["errors"] == 0 for _, r, *_ in rows) and last_rss < 1.05 * first_rss)
+    return bool(
+        one
+        and eight
+        and one["p99"] < 25
+        and eight["rps"] >= 400
+        and stalls
+        and all(r["errors"] == 0 for _, r, *_ in rows)
+        and last_rss < 1.05 * first_rss
+    )
+
 
 if __name__ == "__main__":
     main()

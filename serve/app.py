@@ -90,13 +90,21 @@ LARGE_BODY_PARSES = 2  # at most this many large bodies are parsed (and held as 
 # Security headers. The clerk page and its script are plain files: nothing inline, nothing from elsewhere, never in
 # a frame. Swagger UI and ReDoc set inline styles (and ReDoc runs a worker from a blob), so /docs and /redoc have
 # their own policy; neither runs an inline script.
-PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-            "font-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
-DOCS_CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-            "font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; base-uri 'none'; "
-            "form-action 'self'; frame-ancestors 'none'")
-SECURITY_HEADERS = [(b"content-security-policy", PAGE_CSP.encode()), (b"x-frame-options", b"DENY"),
-                    (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "font-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+DOCS_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = [
+    (b"content-security-policy", PAGE_CSP.encode()),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
 WARMUP_RECORDS = [
     ("电梯坏了", "A3区青青家园小区5栋的电梯坏了一个多月，物业一直不修，老人上下楼很困难。"),
     ("噪音扰民", "楼上邻居每天深夜拖动家具，噪音太大，沟通无果，请社区协调。"),
@@ -110,18 +118,35 @@ WARMUP_RECORDS = [
 class ApiError(Exception):
     """An error answered as JSON with a status code, naming the field it is about."""
 
-    def __init__(self, status: int, error: str, message: str, field: str = "request", kind: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        message: str,
+        field: str = "request",
+        kind: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.error, self.message = status, error, message
         self.field, self.kind, self.headers = field, kind or error, headers
 
 
-def error_response(status: int, error: str, message: str, detail: list[dict] | None = None,
-                   headers: dict[str, str] | None = None, total: int | None = None) -> Response:
+def error_response(
+    status: int,
+    error: str,
+    message: str,
+    detail: list[dict] | None = None,
+    headers: dict[str, str] | None = None,
+    total: int | None = None,
+) -> Response:
     detail = detail or []
-    body = {"error": error, "message": message, "detail": detail[:MAX_ERROR_ITEMS],
-            "total": len(detail) if total is None else total}
+    body = {
+        "error": error,
+        "message": message,
+        "detail": detail[:MAX_ERROR_ITEMS],
+        "total": len(detail) if total is None else total,
+    }
     return Response(orjson.dumps(body), status_code=status, media_type=JSON, headers=headers)
 
 
@@ -154,8 +179,12 @@ class BodyLimit:
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.limit:
                 message = f"the request body is larger than {self.limit} bytes"
-                response = error_response(413, "body_too_large", f"body: {message}",
-                                          [{"field": "body", "type": "body_too_large", "message": message}])
+                response = error_response(
+                    413,
+                    "body_too_large",
+                    f"body: {message}",
+                    [{"field": "body", "type": "body_too_large", "message": message}],
+                )
                 await response(scope, receive, send)
                 return
         received = 0
@@ -187,13 +216,16 @@ class HostGuard(TrustedHostMiddleware):
         host_header = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"host"), None)
         parsed = parse_host_header(host_header)
         host = parsed.host.lower() if parsed is not None else None
-        if host is not None and any(host == pattern or (pattern.startswith("*") and host.endswith(pattern[1:]))
-                                    for pattern in self.allowed_hosts):
+        if host is not None and any(
+            host == pattern or (pattern.startswith("*") and host.endswith(pattern[1:]))
+            for pattern in self.allowed_hosts
+        ):
             await self.app(scope, receive, send)
             return
         message = "this server does not answer for this host name (set SANSHI_ALLOWED_HOSTS)"
-        await error_response(400, "invalid_host", f"Host: {message}",
-                             [{"field": "Host", "type": "invalid_host", "message": message}])(scope, receive, send)
+        await error_response(
+            400, "invalid_host", f"Host: {message}", [{"field": "Host", "type": "invalid_host", "message": message}]
+        )(scope, receive, send)
 
 
 class SecurityHeaders:
@@ -245,11 +277,11 @@ class CatchAll:
         except ClientDisconnect:
             return
         except Exception as error:  # noqa: BLE001 - the point of this middleware
-            log.error("unhandled error in %s %s: %s", scope.get("method"), scope.get("path"),
-                      describe_exception(error))
+            log.error("unhandled error in %s %s: %s", scope.get("method"), scope.get("path"), describe_exception(error))
             if not started:
                 await error_response(500, "internal_error", "the server failed to answer; the error is logged")(
-                    scope, receive, send)
+                    scope, receive, send
+                )
 
 
 def is_json_content(request: Request) -> bool:
@@ -274,16 +306,31 @@ def check_json_shape(value: Any, max_values: int) -> None:
             raise too_many_values(max_values)
         if isinstance(node, dict):
             if depth >= MAX_JSON_DEPTH:
-                raise ApiError(422, "validation_error", f"nested deeper than {MAX_JSON_DEPTH} levels",
-                               field=".".join(map(str, path)) or "body", kind="too_deep")
+                raise ApiError(
+                    422,
+                    "validation_error",
+                    f"nested deeper than {MAX_JSON_DEPTH} levels",
+                    field=".".join(map(str, path)) or "body",
+                    kind="too_deep",
+                )
             if len(node) > MAX_OBJECT_FIELDS:
-                raise ApiError(422, "validation_error", f"an object may hold at most {MAX_OBJECT_FIELDS} fields",
-                               field=".".join(map(str, path)) or "body", kind="too_many_fields")
+                raise ApiError(
+                    422,
+                    "validation_error",
+                    f"an object may hold at most {MAX_OBJECT_FIELDS} fields",
+                    field=".".join(map(str, path)) or "body",
+                    kind="too_many_fields",
+                )
             stack.extend((item, (*path, key), depth + 1) for key, item in node.items())
         elif isinstance(node, list):
             if depth >= MAX_JSON_DEPTH:
-                raise ApiError(422, "validation_error", f"nested deeper than {MAX_JSON_DEPTH} levels",
-                               field=".".join(map(str, path)) or "body", kind="too_deep")
+                raise ApiError(
+                    422,
+                    "validation_error",
+                    f"nested deeper than {MAX_JSON_DEPTH} levels",
+                    field=".".join(map(str, path)) or "body",
+                    kind="too_deep",
+                )
             stack.extend((item, (*path, index), depth + 1) for index, item in enumerate(node))
 
 
@@ -324,16 +371,18 @@ def prescan_json(body: bytes, max_values: int) -> None:
     for bracket in between.translate(None, delete=_NOT_BRACKETS):
         depth += 1 if bracket in (0x5B, 0x7B) else -1
         if depth > MAX_JSON_DEPTH:
-            raise ApiError(422, "validation_error", f"nested deeper than {MAX_JSON_DEPTH} levels", field="body",
-                           kind="too_deep")
+            raise ApiError(
+                422, "validation_error", f"nested deeper than {MAX_JSON_DEPTH} levels", field="body", kind="too_deep"
+            )
 
 
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 def too_many_values(max_values: int) -> ApiError:
-    return ApiError(422, "validation_error", f"the body holds more than {max_values} values", field="body",
-                    kind="too_many_values")
+    return ApiError(
+        422, "validation_error", f"the body holds more than {max_values} values", field="body", kind="too_many_values"
+    )
 
 
 def parse_json_body(body: bytes, max_values: int) -> Any:
@@ -390,9 +439,14 @@ class GuardedRoute(APIRoute):
                     if not message.get("more_body", False):
                         break
         except TimeoutError:
-            raise ApiError(408, "request_timeout", f"the request body did not arrive within {settings.body_timeout:g}"
-                           " seconds", field="body", kind="request_timeout", headers={"Connection": "close"}) \
-                from None
+            raise ApiError(
+                408,
+                "request_timeout",
+                f"the request body did not arrive within {settings.body_timeout:g} seconds",
+                field="body",
+                kind="request_timeout",
+                headers={"Connection": "close"},
+            ) from None
         body = b"".join(chunks)
         request._body = body  # what request.body() returns from now on
         if not body or not is_json_content(request):
@@ -405,9 +459,17 @@ class GuardedRoute(APIRoute):
                 async with self.large_parses:
                     parsed = await asyncio.to_thread(parse_json_body, body, max_values)
         except json.JSONDecodeError as error:
-            raise RequestValidationError([{"type": "json_invalid", "loc": ("body", error.pos),
-                                           "msg": "JSON decode error", "input": {}, "ctx": {"error": error.msg}}]) \
-                from None
+            raise RequestValidationError(
+                [
+                    {
+                        "type": "json_invalid",
+                        "loc": ("body", error.pos),
+                        "msg": "JSON decode error",
+                        "input": {},
+                        "ctx": {"error": error.msg},
+                    }
+                ]
+            ) from None
         except (ApiError, HTTPException):
             raise
         except Exception as error:  # not UTF-8 (or another encoding JSON allows): FastAPI's 400, same cause
@@ -461,7 +523,7 @@ class ServerState:
         # 32-record batch took 140 ms instead of 13 ms); pay for them before going ready, at every batch size.
         suggester.suggest(WARMUP_RECORDS[:1], top_k=1)
         repeats = -(-settings.batch_records // len(WARMUP_RECORDS))
-        suggester.suggest((WARMUP_RECORDS * repeats)[:settings.batch_records], top_k=settings.top_k)
+        suggester.suggest((WARMUP_RECORDS * repeats)[: settings.batch_records], top_k=settings.top_k)
         # The model is hundreds of thousands of long-lived objects; a full garbage collection walked them all and
         # stalled the server for 100-130 ms every second or so under load. Frozen, they are never walked again.
         gc.collect()
@@ -471,8 +533,7 @@ class ServerState:
         self.layout = ExportLayout.from_metadata(loaded.metadata, suggester.targets)
         self.suggester = suggester
         self.status = "ready"
-        log.info("model %s (%s) ready in %.1fs", loaded.version, settings.model_source,
-                 time.perf_counter() - started)
+        log.info("model %s (%s) ready in %.1fs", loaded.version, settings.model_source, time.perf_counter() - started)
 
     def suggest_records(self, records, top_k: int) -> list[dict]:
         return self.suggester.suggest(records, top_k=top_k)
@@ -508,8 +569,11 @@ class ServerState:
         previous = self.store_health
         if previous is None or health.reason != previous.reason:
             if health.ok:
-                log.info("feedback store %s: %s", "usable again" if previous else "usable",
-                         self.store.url if self.store else "the database")
+                log.info(
+                    "feedback store %s: %s",
+                    "usable again" if previous else "usable",
+                    self.store.url if self.store else "the database",
+                )
             else:
                 log.error("feedback store unusable (%s): %s", health.reason, health.message)
         if not health.ok:
@@ -526,16 +590,25 @@ class ServerState:
 
     def require_model(self):
         if self.suggester is None:
-            message = ("the model failed to load; see /ready" if self.status == "failed"
-                       else "the model is still loading; retry when /ready answers 200")
+            message = (
+                "the model failed to load; see /ready"
+                if self.status == "failed"
+                else "the model is still loading; retry when /ready answers 200"
+            )
             raise ApiError(503, "not_ready", message, field="model", headers={"Retry-After": "2"})
         return self.suggester
 
 
 def store_error(error: StoreUnavailable) -> ApiError:
     """A store that cannot take the write: 503 naming the reason (deleted, read_only, full, unreachable, …)."""
-    return ApiError(503, "store_unavailable", f"feedback was not stored: {error}", field="store", kind=error.reason,
-                    headers={"Retry-After": "5"})
+    return ApiError(
+        503,
+        "store_unavailable",
+        f"feedback was not stored: {error}",
+        field="store",
+        kind=error.reason,
+        headers={"Retry-After": "5"},
+    )
 
 
 def model_info(suggester, metadata: dict, model_dir: Path, settings: Settings) -> dict:
@@ -572,11 +645,14 @@ def model_info(suggester, metadata: dict, model_dir: Path, settings: Settings) -
         "targets": targets,
         "sanshi_target": suggester.sanshi_target,
         "sanshi_classes": {label: suggester.sanshi_fields(label) for label in policy.classes},
-        "policy": {"name": policy.name, "version": policy.version, "sha256": policy.sha256,
-                   "review_rule": suggester.review_rule},
+        "policy": {
+            "name": policy.name,
+            "version": policy.version,
+            "sha256": policy.sha256,
+            "review_rule": suggester.review_rule,
+        },
         "columns": columns,
-        "limits": {"max_text_chars": settings.max_text_chars, "max_batch": settings.max_batch,
-                   "top_k": settings.top_k},
+        "limits": {"max_text_chars": settings.max_text_chars, "max_batch": settings.max_batch, "top_k": settings.top_k},
     }
 
 
@@ -601,8 +677,13 @@ def _describe_validation(errors: list[dict]) -> tuple[int, str, list[dict]]:
             reason = (error.get("ctx") or {}).get("error", "not valid JSON")
             position = loc[1] if len(loc) > 1 else None
             where = f" at character {position}" if isinstance(position, int) else ""
-            items.append({"field": "body", "type": "invalid_json",
-                          "message": f"the request body is not valid JSON: {reason}{where}"})
+            items.append(
+                {
+                    "field": "body",
+                    "type": "invalid_json",
+                    "message": f"the request body is not valid JSON: {reason}{where}",
+                }
+            )
             status, code = 400, "invalid_json"
             continue
         field = _field(loc)
@@ -629,9 +710,16 @@ def _summary(items: list[dict], total: int | None = None) -> str:
     return shown + (f"; and {total - 3} more" if total > 3 else "")
 
 
-HTTP_ERRORS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 408: "request_timeout", 413: "body_too_large",
-               415: "unsupported_media_type"}
+HTTP_ERRORS = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -644,8 +732,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api(_request: Request, exc: ApiError) -> Response:
-        return error_response(exc.status, exc.error, f"{exc.field}: {exc.message}",
-                              [{"field": exc.field, "type": exc.kind, "message": exc.message}], exc.headers)
+        return error_response(
+            exc.status,
+            exc.error,
+            f"{exc.field}: {exc.message}",
+            [{"field": exc.field, "type": exc.kind, "message": exc.message}],
+            exc.headers,
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
@@ -662,8 +755,13 @@ def install_error_handlers(app: FastAPI) -> None:
             field, message = "method", f"{request.method} is not allowed on {request.url.path}"
         elif exc.status_code == 413:
             field, message = "body", "the request body is larger than this server accepts"
-        return error_response(exc.status_code, code, f"{field}: {message}",
-                              [{"field": field, "type": code, "message": message}], getattr(exc, "headers", None))
+        return error_response(
+            exc.status_code,
+            code,
+            f"{field}: {message}",
+            [{"field": field, "type": code, "message": message}],
+            getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -683,9 +781,15 @@ ERROR_RESPONSES: dict[int | str, dict] = {
     "default": {"model": ErrorBody, "description": "any other error, with the same body"},
 }
 KEYED_RESPONSES = {401: {"model": ErrorBody, "description": "missing or wrong API key"}, **ERROR_RESPONSES}
-STORE_RESPONSES = {**KEYED_RESPONSES, 503: {"model": ErrorBody, "description": "the model is not loaded yet, or the "
-                                            "feedback store cannot take the write (error.detail[0].type: deleted, "
-                                            "read_only, full, unreachable, unavailable); nothing was stored"}}
+STORE_RESPONSES = {
+    **KEYED_RESPONSES,
+    503: {
+        "model": ErrorBody,
+        "description": "the model is not loaded yet, or the "
+        "feedback store cannot take the write (error.detail[0].type: deleted, "
+        "read_only, full, unreachable, unavailable); nothing was stored",
+    },
+}
 
 
 def known_targets(settings: Settings) -> list[str] | None:
@@ -704,16 +808,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The FastAPI application; with no settings, they are read from SANSHI_* variables and params.yaml."""
     settings = settings or Settings.load()
     state = ServerState(settings)
-    models = build_request_models(settings.max_text_chars, settings.max_batch, settings.strict,
-                                  targets=known_targets(settings))
+    models = build_request_models(
+        settings.max_text_chars, settings.max_batch, settings.strict, targets=known_targets(settings)
+    )
     SuggestRequest, BatchRequest, FeedbackRequest = models.SuggestRequest, models.BatchRequest, models.FeedbackRequest
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         install_escaping()  # after uvicorn has configured its loggers: no client value can start a log line
         route_class.large_parses = asyncio.Semaphore(LARGE_BODY_PARSES)
-        state.batcher = MicroBatcher(state.suggest_records, settings.batch_records, settings.batch_chars,
-                                     settings.inline_chars)
+        state.batcher = MicroBatcher(
+            state.suggest_records, settings.batch_records, settings.batch_chars, settings.inline_chars
+        )
         state.batcher.start()
         loop = asyncio.get_running_loop()
 
@@ -747,20 +853,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         known = {param.alias for param in route.dependant.query_params} if route is not None else set()
         for name in request.query_params:
             if name not in known:
-                raise ApiError(422, "validation_error", "unknown query parameter (the server runs in strict mode)",
-                               field=name or "query", kind="unknown_field")
+                raise ApiError(
+                    422,
+                    "validation_error",
+                    "unknown query parameter (the server runs in strict mode)",
+                    field=name or "query",
+                    kind="unknown_field",
+                )
 
     app = FastAPI(
         dependencies=[Depends(reject_unknown_query)] if settings.strict else None,
         title="sanshi-ml intake server",
         summary="三事分流 triage suggestions for 12345 hotline records, with confidence, for intake clerks",
         description="Suggests the category, the 三事 class (with its colour, handling mode and time limit), the "
-                    "handling unit and the appeal type of a request, each with a calibrated confidence, the words "
-                    "that drove it and whether a person must review it. Clerks' answers are stored for retraining.",
+        "handling unit and the appeal type of a request, each with a calibrated confidence, the words "
+        "that drove it and whether a person must review it. Clerks' answers are stored for retraining.",
         version="1",
         lifespan=lifespan,
         # The documentation pages are this app's own (below): served from the package, no CDN, no inline script.
-        docs_url=None, redoc_url=None, swagger_ui_oauth2_redirect_url=None,
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
     route_class = type("AppGuardedRoute", (GuardedRoute,), {"guard_settings": settings})
     app.router.route_class = route_class
@@ -773,17 +886,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sanshi = state
     install_error_handlers(app)
 
-    key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
-                              description="the server's key (SANSHI_API_KEY)")
+    key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="the server's key (SANSHI_API_KEY)")
 
     def require_key(key: Annotated[str | None, Security(key_header)] = None) -> None:
         expected = settings.api_key.get_secret_value() if settings.api_key else None
         if not expected:
-            raise ApiError(401, "unauthorized", "this server has no API key configured (set SANSHI_API_KEY), so "
-                           "keyed endpoints are closed", field=API_KEY_HEADER)
+            raise ApiError(
+                401,
+                "unauthorized",
+                "this server has no API key configured (set SANSHI_API_KEY), so keyed endpoints are closed",
+                field=API_KEY_HEADER,
+            )
         if not key:
-            raise ApiError(401, "unauthorized", f"missing API key: send it in the {API_KEY_HEADER} header",
-                           field=API_KEY_HEADER)
+            raise ApiError(
+                401, "unauthorized", f"missing API key: send it in the {API_KEY_HEADER} header", field=API_KEY_HEADER
+            )
         if not secrets.compare_digest(key.encode("utf-8"), expected.encode("utf-8")):
             raise ApiError(401, "unauthorized", "wrong API key", field=API_KEY_HEADER)
 
@@ -803,26 +920,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def docs_page(request: Request, title: str, body: str) -> HTMLResponse:
         root = request.scope.get("root_path", "").rstrip("/")
-        html = (f'<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-                f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>{title}</title>\n'
-                f'<link rel="icon" href="{root}/docs-assets/favicon.png">\n'
-                + body.replace("{root}", root).replace("{openapi}", f"{root}{app.openapi_url}") + "\n</html>\n")
+        html = (
+            f'<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>{title}</title>\n'
+            f'<link rel="icon" href="{root}/docs-assets/favicon.png">\n'
+            + body.replace("{root}", root).replace("{openapi}", f"{root}{app.openapi_url}")
+            + "\n</html>\n"
+        )
         return HTMLResponse(html, headers={"Content-Security-Policy": DOCS_CSP})
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui(request: Request) -> HTMLResponse:
-        return docs_page(request, f"{app.title} - Swagger UI", (
-            '<link rel="stylesheet" href="{root}/docs-assets/swagger-ui.css">\n</head>\n<body>\n'
-            '<div id="swagger-ui" data-openapi-url="{openapi}"></div>\n'
-            '<script src="{root}/docs-assets/swagger-ui-bundle.js"></script>\n'
-            '<script src="{root}/static/swagger-init.js"></script>\n</body>'))
+        return docs_page(
+            request,
+            f"{app.title} - Swagger UI",
+            (
+                '<link rel="stylesheet" href="{root}/docs-assets/swagger-ui.css">\n</head>\n<body>\n'
+                '<div id="swagger-ui" data-openapi-url="{openapi}"></div>\n'
+                '<script src="{root}/docs-assets/swagger-ui-bundle.js"></script>\n'
+                '<script src="{root}/static/swagger-init.js"></script>\n</body>'
+            ),
+        )
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
         # <redoc spec-url> is picked up by the standalone bundle itself: no script of our own.
-        return docs_page(request, f"{app.title} - ReDoc", (
-            '</head>\n<body>\n<redoc spec-url="{openapi}"></redoc>\n'
-            '<script src="{root}/docs-assets/redoc.standalone.js"></script>\n</body>'))
+        return docs_page(
+            request,
+            f"{app.title} - ReDoc",
+            (
+                '</head>\n<body>\n<redoc spec-url="{openapi}"></redoc>\n'
+                '<script src="{root}/docs-assets/redoc.standalone.js"></script>\n</body>'
+            ),
+        )
 
     @app.get("/health", response_model=Health, tags=["probes"], responses={"default": ERROR_RESPONSES["default"]})
     async def health() -> Response:
@@ -833,18 +963,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = await asyncio.to_thread(state.check_store)
         store_state = {"status": "ok"} if store.ok else {"status": store.reason, "message": store.message}
         if state.status == "ready" and store.ok:
-            return json_response({"status": "ready", "model_version": state.suggester.version,
-                                  "store": store_state})
+            return json_response({"status": "ready", "model_version": state.suggester.version, "store": store_state})
         if state.status == "ready":
-            return json_response({"status": "store_unavailable", "model_version": state.suggester.version,
-                                  "error": f"feedback store: {store.message}", "store": store_state}, status=503)
+            return json_response(
+                {
+                    "status": "store_unavailable",
+                    "model_version": state.suggester.version,
+                    "error": f"feedback store: {store.message}",
+                    "store": store_state,
+                },
+                status=503,
+            )
         return json_response({"status": state.status, "error": state.error, "store": store_state}, status=503)
 
-    @app.get("/ready", response_model=Readiness, tags=["probes"],
-             responses={503: {"model": Readiness, "description": "the model is loading or failed to load, or the "
-                                                                 "feedback store cannot take a write (deleted, "
-                                                                 "read-only, full, unreachable)"},
-                        "default": ERROR_RESPONSES["default"]})
+    @app.get(
+        "/ready",
+        response_model=Readiness,
+        tags=["probes"],
+        responses={
+            503: {
+                "model": Readiness,
+                "description": "the model is loading or failed to load, or the "
+                "feedback store cannot take a write (deleted, "
+                "read-only, full, unreachable)",
+            },
+            "default": ERROR_RESPONSES["default"],
+        },
+    )
     async def ready() -> Response:
         """Readiness: 200 once the model is loaded and warmed up and the feedback store has taken a write and
         given it back; 503 before, if loading failed, or while the store cannot be used (``store`` says why)."""
@@ -862,8 +1007,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.require_model()
         return Response(state.model_info_bytes, media_type=JSON)
 
-    @app.post("/v1/suggest", response_model=Suggestion, tags=["suggestions"], dependencies=suggest_guard,
-              responses=suggest_responses)
+    @app.post(
+        "/v1/suggest",
+        response_model=Suggestion,
+        tags=["suggestions"],
+        dependencies=suggest_guard,
+        responses=suggest_responses,
+    )
     async def suggest(body: SuggestRequest, top_k: TopK = None) -> Response:
         """Suggestions for one request: per target the label, its confidence, the top-k labels, whether a person
         must review it, and the words that drove it; the 三事 class also carries its colour and handling."""
@@ -871,8 +1021,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         [result] = await state.batcher.submit([(body.title, body.text)], top_k or settings.top_k)
         return json_response({"id": body.id, **result})
 
-    @app.post("/v1/suggest/batch", response_model=BatchResponse, tags=["suggestions"], dependencies=suggest_guard,
-              responses=suggest_responses)
+    @app.post(
+        "/v1/suggest/batch",
+        response_model=BatchResponse,
+        tags=["suggestions"],
+        dependencies=suggest_guard,
+        responses=suggest_responses,
+    )
     async def suggest_batch(body: BatchRequest, top_k: TopK = None) -> Response:
         """Suggestions for a batch of requests (up to the server's max_batch), in the order sent."""
         suggester = state.require_model()
@@ -882,8 +1037,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # --------------------------------------------------------------------------------------------------- feedback
 
-    @app.post("/v1/feedback", response_model=FeedbackStored, status_code=201, tags=["feedback"],
-              dependencies=keyed, responses=STORE_RESPONSES)
+    @app.post(
+        "/v1/feedback",
+        response_model=FeedbackStored,
+        status_code=201,
+        tags=["feedback"],
+        dependencies=keyed,
+        responses=STORE_RESPONSES,
+    )
     def feedback(body: FeedbackRequest) -> Response:
         """Store a clerk's accepted or corrected labels (personal data masked first). 201 means the answer is in
         the database; a store that cannot take it gets 503 and nothing is stored."""
@@ -893,29 +1054,63 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for part, mapping in (("labels", labels), ("suggestion", suggested)):
             for target in mapping:
                 if target not in targets:
-                    raise ApiError(422, "validation_error", f"unknown target; this model has "
-                                   f"{', '.join(suggester.targets)}", field=f"{part}.{target}", kind="unknown_target")
+                    raise ApiError(
+                        422,
+                        "validation_error",
+                        f"unknown target; this model has {', '.join(suggester.targets)}",
+                        field=f"{part}.{target}",
+                        kind="unknown_target",
+                    )
         store = state.require_store()
         try:
-            row = store.add(FeedbackEntry(
-                text=body.text, title=body.title, record_id=body.id, received_at=body.received_at,
-                model_version=body.model_version, labels=labels, clerk=body.clerk,
-                suggestion={t: as_mapping(item) for t, item in suggested.items()}))
+            row = store.add(
+                FeedbackEntry(
+                    text=body.text,
+                    title=body.title,
+                    record_id=body.id,
+                    received_at=body.received_at,
+                    model_version=body.model_version,
+                    labels=labels,
+                    clerk=body.clerk,
+                    suggestion={t: as_mapping(item) for t, item in suggested.items()},
+                )
+            )
         except StoreUnavailable as error:
             state.note_store(StoreHealth(error.reason, str(error)))
             raise store_error(error) from None
-        return json_response({"feedback_id": row.id, "stored_at": row.created_at.isoformat(),
-                              "model_version": row.model_version, "corrected": row.corrected,
-                              "accepted": sorted(set(row.labels) - set(row.corrected))}, status=201)
+        return json_response(
+            {
+                "feedback_id": row.id,
+                "stored_at": row.created_at.isoformat(),
+                "model_version": row.model_version,
+                "corrected": row.corrected,
+                "accepted": sorted(set(row.labels) - set(row.corrected)),
+            },
+            status=201,
+        )
 
-    @app.get("/v1/feedback/export", tags=["feedback"], dependencies=keyed,
-             responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}},
-                              "description": "CSV with the model's training columns"}, **STORE_RESPONSES})
-    def export(since: Annotated[str | None, Query(description="only feedback stored at or after (RFC 3339)",
-                                                  json_schema_extra=TIMESTAMP_SCHEMA)] = None,
-               until: Annotated[str | None, Query(description="only feedback stored before (RFC 3339)",
-                                                  json_schema_extra=TIMESTAMP_SCHEMA)] = None,
-               model_version: Annotated[str | None, Query(max_length=64)] = None) -> StreamingResponse:
+    @app.get(
+        "/v1/feedback/export",
+        tags=["feedback"],
+        dependencies=keyed,
+        responses={
+            200: {
+                "content": {"text/csv": {"schema": {"type": "string"}}},
+                "description": "CSV with the model's training columns",
+            },
+            **STORE_RESPONSES,
+        },
+    )
+    def export(
+        since: Annotated[
+            str | None,
+            Query(description="only feedback stored at or after (RFC 3339)", json_schema_extra=TIMESTAMP_SCHEMA),
+        ] = None,
+        until: Annotated[
+            str | None, Query(description="only feedback stored before (RFC 3339)", json_schema_extra=TIMESTAMP_SCHEMA)
+        ] = None,
+        model_version: Annotated[str | None, Query(max_length=64)] = None,
+    ) -> StreamingResponse:
         """The stored answers as CSV with the serving model's training columns, ready for `sanshi-ml train`.
         Cells a spreadsheet would run as a formula (starting with = + - @, a tab or a carriage return) are
         prefixed with a single quote."""
@@ -945,15 +1140,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 yield first
                 yield from rows
 
-        return StreamingResponse(csv_chunks(layout, all_rows(), segment if layout.segmented_col else None),
-                                 media_type="text/csv; charset=utf-8",
-                                 headers={"Content-Disposition": 'attachment; filename="feedback.csv"'})
+        return StreamingResponse(
+            csv_chunks(layout, all_rows(), segment if layout.segmented_col else None),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": 'attachment; filename="feedback.csv"'},
+        )
 
     # Each route's body limit: a single record or a clerk's answer cannot be the size of a full batch.
     single = (settings.max_text_chars + TITLE_MAX_CHARS + ID_MAX_CHARS) * 6 + 4096
     feedback_limit = single + MAX_TARGETS * (LABEL_MAX_CHARS * 6 * 2 + 256) + 4096
     for route in app.routes:
         if isinstance(route, GuardedRoute):
-            route.body_limit = {"/v1/suggest": single, "/v1/feedback": feedback_limit}.get(route.path,
-                                                                                           settings.body_limit)
+            route.body_limit = {"/v1/suggest": single, "/v1/feedback": feedback_limit}.get(
+                route.path, settings.body_limit
+            )
     return app

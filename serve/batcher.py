@@ -56,8 +56,9 @@ class MicroBatcher:
     characters at most per call (a single record longer than that is one call of its own); calls of more than
     ``inline_chars`` characters run in the model thread."""
 
-    def __init__(self, suggest: SuggestFn, max_records: int = 64, max_chars: int = 64_000,
-                 inline_chars: int = 0) -> None:
+    def __init__(
+        self, suggest: SuggestFn, max_records: int = 64, max_chars: int = 64_000, inline_chars: int = 0
+    ) -> None:
         self._suggest = suggest
         self.max_records = max_records
         self.max_chars = max_chars
@@ -128,8 +129,9 @@ class MicroBatcher:
         job = self._large[0]
         start = end = job.done
         chars = 0
-        while end < len(job.records) and (end == start or (
-                end - start < self.max_records and chars + _chars(job.records[end]) <= self.max_chars)):
+        while end < len(job.records) and (
+            end == start or (end - start < self.max_records and chars + _chars(job.records[end]) <= self.max_chars)
+        ):
             chars += _chars(job.records[end])
             end += 1
         return [(job, start, end)]
@@ -179,7 +181,7 @@ class MicroBatcher:
     def _deliver(self, work: list[tuple[_Job, int, int]], results: list[dict], top_k: int) -> None:
         offset = 0
         for job, start, end in work:
-            part = results[offset:offset + end - start]
+            part = results[offset : offset + end - start]
             offset += end - start
             if job.top_k < top_k:
                 part = [_trim_top_k(item, job.top_k) for item in part]

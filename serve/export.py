@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 from sanshi_ml.config import DEFAULT_TARGETS
 from sanshi_ml.text import compose
-
 from serve.store import FeedbackRow
 
 DEFAULT_ID_COL = "工单编号"
@@ -49,12 +48,13 @@ class ExportLayout:
         """The training columns of a model; targets the metadata does not name keep their own name as column."""
         columns = metadata.get("columns") or {}
         mapped = dict(columns.get("targets") or DEFAULT_TARGETS)
-        return cls(id_col=columns.get("id_col") or DEFAULT_ID_COL,
-                   time_col=columns.get("time_col") or DEFAULT_TIME_COL,
-                   text_cols=tuple(columns.get("text_cols") or (() if columns.get("segmented_col")
-                                                                else DEFAULT_TEXT_COLS)),
-                   targets={t: mapped.get(t, t) for t in targets},
-                   segmented_col=columns.get("segmented_col"))
+        return cls(
+            id_col=columns.get("id_col") or DEFAULT_ID_COL,
+            time_col=columns.get("time_col") or DEFAULT_TIME_COL,
+            text_cols=tuple(columns.get("text_cols") or (() if columns.get("segmented_col") else DEFAULT_TEXT_COLS)),
+            targets={t: mapped.get(t, t) for t in targets},
+            segmented_col=columns.get("segmented_col"),
+        )
 
     @property
     def header(self) -> list[str]:
@@ -81,14 +81,19 @@ class ExportLayout:
             cells.append(segment(joined) if segment else joined)
         cells.append(item.received_at.strftime(TIME_FORMAT) if item.received_at else "")
         cells += [item.labels.get(target, "") for target in self.targets]
-        cells += [str(item.id), item.model_version, item.created_at.isoformat(timespec="seconds"),
-                  ",".join(item.corrected)]
+        cells += [
+            str(item.id),
+            item.model_version,
+            item.created_at.isoformat(timespec="seconds"),
+            ",".join(item.corrected),
+        ]
         cells += [(item.suggestion.get(target) or {}).get("label", "") for target in self.targets]
         return [spreadsheet_safe(cell) for cell in cells]
 
 
-def csv_chunks(layout: ExportLayout, rows: Iterable[FeedbackRow], segment: Callable[[str], str] | None = None,
-               bom: bool = True) -> Iterator[bytes]:
+def csv_chunks(
+    layout: ExportLayout, rows: Iterable[FeedbackRow], segment: Callable[[str], str] | None = None, bom: bool = True
+) -> Iterator[bytes]:
     """The CSV, encoded as UTF-8 (with a BOM so spreadsheet programs detect it), a few hundred rows per chunk."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

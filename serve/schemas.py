@@ -7,10 +7,10 @@ that ``/docs`` and generated clients know them; the request models are therefore
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -80,11 +80,15 @@ def parse_timestamp(value: object) -> datetime:
     if match is None:
         raise ValueError("expected an RFC 3339 date-time with its offset, e.g. 2024-03-05T08:30:00+08:00")
     year, month, day, hour, minute, second = (int(match.group(i)) for i in range(1, 7))
-    fraction, zulu, sign, off_h, off_m = match.group(7), match.group(8), match.group(9), match.group(10), \
-        match.group(11)
+    fraction, zulu, sign, off_h, off_m = (
+        match.group(7),
+        match.group(8),
+        match.group(9),
+        match.group(10),
+        match.group(11),
+    )
     try:
-        offset = timezone.utc if zulu else timezone(
-            (1 if sign == "+" else -1) * timedelta(hours=int(off_h), minutes=int(off_m)))
+        offset = UTC if zulu else timezone((1 if sign == "+" else -1) * timedelta(hours=int(off_h), minutes=int(off_m)))
         micro = int((fraction[1:] + "000000")[:6]) if fraction else 0
         # RFC 3339 allows a leap second (:60); Python's datetime does not, so it becomes :59.999999.
         if second == 60:
@@ -98,8 +102,11 @@ def optional_timestamp(value: object) -> datetime | None:
     return None if value is None else parse_timestamp(value)
 
 
-Timestamp = Annotated[datetime | None, BeforeValidator(optional_timestamp),
-                      WithJsonSchema({"anyOf": [TIMESTAMP_SCHEMA, {"type": "null"}]})]
+Timestamp = Annotated[
+    datetime | None,
+    BeforeValidator(optional_timestamp),
+    WithJsonSchema({"anyOf": [TIMESTAMP_SCHEMA, {"type": "null"}]}),
+]
 
 
 def check_optional_text(value: str | None) -> str | None:
@@ -134,8 +141,10 @@ def check_one_line(value: str | None) -> str | None:
 # no U+FFFD (the mark an earlier decoding failure leaves).
 TEXT_PATTERN = "^[^\\uFFFD]*\\S[^\\uFFFD]*$"
 # A label: at least one non-space character, on one line.
-LABEL_PATTERN = "^[^\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]*[^\\s\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]" \
-                "[^\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]*$"
+LABEL_PATTERN = (
+    "^[^\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]*[^\\s\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]"
+    "[^\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]*$"
+)
 
 
 @dataclass(frozen=True)
@@ -165,8 +174,9 @@ def check_label(value: str | None) -> str | None:
     return value
 
 
-def build_request_models(max_text_chars: int, max_batch: int, strict: bool,
-                         targets: Sequence[str] | None = None) -> RequestModels:
+def build_request_models(
+    max_text_chars: int, max_batch: int, strict: bool, targets: Sequence[str] | None = None
+) -> RequestModels:
     """Request models with this server's limits; ``strict`` rejects unknown fields instead of ignoring them.
 
     With the model's ``targets`` known when the app is built (a model directory's metadata), the feedback labels are
@@ -178,8 +188,13 @@ def build_request_models(max_text_chars: int, max_batch: int, strict: bool,
     config = ConfigDict(extra=extra, strict=True, str_max_length=max(max_text_chars, TITLE_MAX_CHARS))
 
     def text_field(description: str, example: str):
-        return Field(min_length=1, max_length=max_text_chars, description=description, examples=[example],
-                     json_schema_extra={"pattern": TEXT_PATTERN})
+        return Field(
+            min_length=1,
+            max_length=max_text_chars,
+            description=description,
+            examples=[example],
+            json_schema_extra={"pattern": TEXT_PATTERN},
+        )
 
     class _Base(BaseModel):
         model_config = config
@@ -187,14 +202,22 @@ def build_request_models(max_text_chars: int, max_batch: int, strict: bool,
     class SuggestRequest(_Base):
         """One request as a clerk typed it."""
 
-        model_config = ConfigDict(**config, json_schema_extra={"examples": [
-            {"id": "D2024000123", "title": EXAMPLE_TITLE, "text": EXAMPLE_TEXT}]})
+        model_config = ConfigDict(
+            **config,
+            json_schema_extra={"examples": [{"id": "D2024000123", "title": EXAMPLE_TITLE, "text": EXAMPLE_TEXT}]},
+        )
 
         text: str = text_field(f"the request's text (诉求内容), 1 to {max_text_chars} characters", EXAMPLE_TEXT)
-        title: str | None = Field(None, max_length=TITLE_MAX_CHARS, description="the request's title (标题)",
-                                  examples=[EXAMPLE_TITLE])
-        id: str | None = Field(None, max_length=ID_MAX_CHARS, description="the record's id (工单编号), echoed back",
-                               examples=["D2024000123"], json_schema_extra={"pattern": ONE_LINE_PATTERN})
+        title: str | None = Field(
+            None, max_length=TITLE_MAX_CHARS, description="the request's title (标题)", examples=[EXAMPLE_TITLE]
+        )
+        id: str | None = Field(
+            None,
+            max_length=ID_MAX_CHARS,
+            description="the record's id (工单编号), echoed back",
+            examples=["D2024000123"],
+            json_schema_extra={"pattern": ONE_LINE_PATTERN},
+        )
 
         @field_validator("text")
         @classmethod
@@ -214,12 +237,23 @@ def build_request_models(max_text_chars: int, max_batch: int, strict: bool,
     class BatchRequest(_Base):
         """Several requests in one call, answered in the same order."""
 
-        model_config = ConfigDict(**config, json_schema_extra={"examples": [{"records": [
-            {"id": "D1", "title": EXAMPLE_TITLE, "text": EXAMPLE_TEXT},
-            {"id": "D2", "text": "楼上邻居每天深夜拖动家具，噪音太大，沟通无果"}]}]})
+        model_config = ConfigDict(
+            **config,
+            json_schema_extra={
+                "examples": [
+                    {
+                        "records": [
+                            {"id": "D1", "title": EXAMPLE_TITLE, "text": EXAMPLE_TEXT},
+                            {"id": "D2", "text": "楼上邻居每天深夜拖动家具，噪音太大，沟通无果"},
+                        ]
+                    }
+                ]
+            },
+        )
 
-        records: list[SuggestRequest] = Field(min_length=1, max_length=max_batch,
-                                              description=f"1 to {max_batch} records")
+        records: list[SuggestRequest] = Field(
+            min_length=1, max_length=max_batch, description=f"1 to {max_batch} records"
+        )
 
     label_field = {"min_length": 1, "max_length": LABEL_MAX_CHARS, "json_schema_extra": {"pattern": LABEL_PATTERN}}
 
@@ -247,46 +281,91 @@ def build_request_models(max_text_chars: int, max_batch: int, strict: bool,
             return self
 
         labels_type = create_model(
-            "Labels", __config__=ConfigDict(extra="forbid", strict=True, json_schema_extra={"minProperties": 1}),
+            "Labels",
+            __config__=ConfigDict(extra="forbid", strict=True, json_schema_extra={"minProperties": 1}),
             __doc__="The clerk's label per target; targets left out stay unlabelled.",
-            __validators__={"non_blank": field_validator(*names)(classmethod(_non_blank)),
-                            "at_least_one": model_validator(mode="after")(_at_least_one)},
-            **{field: (str, Field(None, alias=target, **label_field)) for field, target in names.items()})
+            __validators__={
+                "non_blank": field_validator(*names)(classmethod(_non_blank)),
+                "at_least_one": model_validator(mode="after")(_at_least_one),
+            },
+            **{field: (str, Field(None, alias=target, **label_field)) for field, target in names.items()},
+        )
         suggestion_type = create_model(
-            "SuggestedLabels", __config__=ConfigDict(extra="forbid", strict=True),
+            "SuggestedLabels",
+            __config__=ConfigDict(extra="forbid", strict=True),
             __doc__="What the model suggested, per target (from /v1/suggest).",
-            **{field: (SuggestedLabel, Field(None, alias=target)) for field, target in names.items()})
+            **{field: (SuggestedLabel, Field(None, alias=target)) for field, target in names.items()},
+        )
         labels_field = Field(description="the clerk's final label per target; targets left out stay unlabelled")
         suggestion_field = Field(default=None, description="what the model suggested, per target")
     else:
         labels_type, suggestion_type = dict[str, str], dict[str, SuggestedLabel]
-        labels_field = Field(min_length=1, max_length=MAX_TARGETS, description="the clerk's final label per target; "
-                                                                              "targets left out stay unlabelled")
-        suggestion_field = Field(default_factory=dict, max_length=MAX_TARGETS,
-                                 description="what the model suggested, per target (from /v1/suggest)")
+        labels_field = Field(
+            min_length=1,
+            max_length=MAX_TARGETS,
+            description="the clerk's final label per target; targets left out stay unlabelled",
+        )
+        suggestion_field = Field(
+            default_factory=dict,
+            max_length=MAX_TARGETS,
+            description="what the model suggested, per target (from /v1/suggest)",
+        )
 
     class FeedbackRequest(_Base):
         """The clerk's answer to a suggestion: the labels accepted or corrected, with the request they belong to."""
 
-        model_config = ConfigDict(**config, json_schema_extra={"examples": [{
-            "id": "D2024000123", "title": EXAMPLE_TITLE, "text": EXAMPLE_TEXT, "model_version": "0a1b2c3d4e5f",
-            "suggestion": {"category": {"label": "城乡建设", "confidence": 0.91},
-                           "sanshi": {"label": "共事", "confidence": 0.88}},
-            "labels": {"category": "城乡建设", "sanshi": "共事", "unit": "住房和城乡建设局", "appeal": "投诉"},
-            "clerk": "clerk-07"}]})
+        model_config = ConfigDict(
+            **config,
+            json_schema_extra={
+                "examples": [
+                    {
+                        "id": "D2024000123",
+                        "title": EXAMPLE_TITLE,
+                        "text": EXAMPLE_TEXT,
+                        "model_version": "0a1b2c3d4e5f",
+                        "suggestion": {
+                            "category": {"label": "城乡建设", "confidence": 0.91},
+                            "sanshi": {"label": "共事", "confidence": 0.88},
+                        },
+                        "labels": {
+                            "category": "城乡建设",
+                            "sanshi": "共事",
+                            "unit": "住房和城乡建设局",
+                            "appeal": "投诉",
+                        },
+                        "clerk": "clerk-07",
+                    }
+                ]
+            },
+        )
 
         text: str = text_field("the request's text, as it was suggested on", EXAMPLE_TEXT)
         title: str | None = Field(None, max_length=TITLE_MAX_CHARS, examples=[EXAMPLE_TITLE])
-        id: str | None = Field(None, max_length=ID_MAX_CHARS, description="the record's id (工单编号)",
-                               json_schema_extra={"pattern": ONE_LINE_PATTERN})
-        received_at: Timestamp = Field(None, description="when the request was received (受理时间), RFC 3339 with "
-                                                         "offset; stored as that wall-clock time. Default: now")
-        model_version: str = Field(min_length=1, max_length=64, description="model_version of the suggestion",
-                                   json_schema_extra={"pattern": ONE_LINE_PATTERN})
+        id: str | None = Field(
+            None,
+            max_length=ID_MAX_CHARS,
+            description="the record's id (工单编号)",
+            json_schema_extra={"pattern": ONE_LINE_PATTERN},
+        )
+        received_at: Timestamp = Field(
+            None,
+            description="when the request was received (受理时间), RFC 3339 with "
+            "offset; stored as that wall-clock time. Default: now",
+        )
+        model_version: str = Field(
+            min_length=1,
+            max_length=64,
+            description="model_version of the suggestion",
+            json_schema_extra={"pattern": ONE_LINE_PATTERN},
+        )
         suggestion: suggestion_type = suggestion_field
         labels: labels_type = labels_field
-        clerk: str | None = Field(None, max_length=64, description="who answered (an id, not a name)",
-                                  json_schema_extra={"pattern": ONE_LINE_PATTERN})
+        clerk: str | None = Field(
+            None,
+            max_length=64,
+            description="who answered (an id, not a name)",
+            json_schema_extra={"pattern": ONE_LINE_PATTERN},
+        )
 
         @field_validator("text")
         @classmethod
@@ -346,20 +425,30 @@ class SanshiInfo(_Out):
 
 class FieldSuggestion(_Out):
     label: str = Field(description="the suggested label", examples=["共事"])
-    confidence: float = Field(ge=0, le=1, description="calibrated chance that the suggested label is right: its "
-                                                      "probability through the target's top-label calibration")
+    confidence: float = Field(
+        ge=0,
+        le=1,
+        description="calibrated chance that the suggested label is right: its "
+        "probability through the target's top-label calibration",
+    )
     threshold: float = Field(description="confidence below which a person must review (above 1: always)")
     needs_review: bool
     review_reasons: list[Literal["low_confidence", "ambiguous", "policy_conflict"]] = Field(
         description="low_confidence: below the threshold; ambiguous: the prediction set is not just the label (several "
-                    "or none are plausible); policy_conflict: the 三事 class and the unit contradict the 责任清单")
-    top_k: list[LabelProbability] = Field(description="the most probable labels with the model's calibrated "
-                                                     "probability of each (the suggested label's can differ from "
-                                                     "its confidence, which is calibrated as a top label)")
-    plausible: list[str] | None = Field(None, description="the conformal prediction set, most probable first: the "
-                                                          "labels that hold the true one for the model's set level "
-                                                          "(90% by default) of requests; null for a model without "
-                                                          "sets")
+        "or none are plausible); policy_conflict: the 三事 class and the unit contradict the 责任清单"
+    )
+    top_k: list[LabelProbability] = Field(
+        description="the most probable labels with the model's calibrated "
+        "probability of each (the suggested label's can differ from "
+        "its confidence, which is calibrated as a top label)"
+    )
+    plausible: list[str] | None = Field(
+        None,
+        description="the conformal prediction set, most probable first: the "
+        "labels that hold the true one for the model's set level "
+        "(90% by default) of requests; null for a model without "
+        "sets",
+    )
     reasons: list[str] = Field(description="the words that pushed most towards the label")
     sanshi: SanshiInfo | None = Field(None, description="only on the 三事 target")
 
@@ -393,9 +482,11 @@ class ModelInfo(_Out):
     git_commit: str | None
     data_sha256: str | None
     n_train: int | None
-    metrics_source: str | None = Field(description="where the targets' metrics come from: out_of_fold (the saved "
-                                                   "model's out-of-fold estimate), or held_out_split for a model "
-                                                   "saved before models trained on every row")
+    metrics_source: str | None = Field(
+        description="where the targets' metrics come from: out_of_fold (the saved "
+        "model's out-of-fold estimate), or held_out_split for a model "
+        "saved before models trained on every row"
+    )
     targets: dict[str, TargetInfo]
     sanshi_target: str | None
     sanshi_classes: dict[str, SanshiInfo]
@@ -418,14 +509,16 @@ class Health(_Out):
 
 class StoreState(_Out):
     status: Literal["ok", "deleted", "read_only", "full", "unreachable", "unavailable"] = Field(
-        description="ok, or why the feedback store cannot take a write now")
+        description="ok, or why the feedback store cannot take a write now"
+    )
     message: str | None = None
 
 
 class Readiness(_Out):
     status: Literal["ready", "loading", "failed", "store_unavailable"] = Field(
         description="ready: the model is loaded and the feedback store took a write and gave it back; loading or "
-                    "failed: the model; store_unavailable: the model is ready but the store is not (see store)")
+        "failed: the model; store_unavailable: the model is ready but the store is not (see store)"
+    )
     model_version: str | None = None
     error: str | None = None
     store: StoreState | None = None

@@ -27,13 +27,20 @@ class Settings(BaseSettings):
 
     model_dir: Path | None = Field(None, description="a model directory written by `sanshi-ml train`")
     model_uri: str | None = Field(None, description="an MLflow registry URI, e.g. models:/sanshi-triage@champion")
-    tracking_uri: str | None = Field(None, description="MLflow store holding the registry (default: "
-                                     "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    policy_path: str | None = Field(None, description="a 三事分流责任清单 YAML; None uses the one recorded with the model")
-    database_url: str = Field(DEFAULT_DATABASE_URL, description="SQLAlchemy URL of the feedback store "
-                              "(sqlite:///file.db or postgresql://user@host/db)")
-    api_key: SecretStr | None = Field(None, description="key for feedback and export (header X-API-Key); "
-                                      "unset means those endpoints refuse every request")
+    tracking_uri: str | None = Field(
+        None, description="MLflow store holding the registry (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
+    )
+    policy_path: str | None = Field(
+        None, description="a 三事分流责任清单 YAML; None uses the one recorded with the model"
+    )
+    database_url: str = Field(
+        DEFAULT_DATABASE_URL,
+        description="SQLAlchemy URL of the feedback store (sqlite:///file.db or postgresql://user@host/db)",
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description="key for feedback and export (header X-API-Key); unset means those endpoints refuse every request",
+    )
     open_suggestions: bool = Field(True, description="suggestions need no key; False puts them behind the key too")
     strict: bool = Field(True, description="reject request fields the API does not know instead of ignoring them")
     max_text_chars: int = Field(20_000, ge=1, description="longest text accepted, in characters")
@@ -41,24 +48,45 @@ class Settings(BaseSettings):
     top_k: int = Field(3, ge=1, le=20, description="labels listed per target unless the request asks otherwise")
     max_body_bytes: int | None = Field(None, ge=1, description="largest request body; None: enough for a full batch")
     batch_records: int = Field(64, ge=1, description="most records the micro-batcher hands the model in one call")
-    batch_chars: int = Field(64_000, ge=1, description="most characters the micro-batcher hands the model in one "
-                             "call; a larger batch request is cut into calls of this size, and single suggestions "
-                             "are answered between them")
-    inline_chars: int = Field(16_000, ge=0, description="a model call of at most this many characters (a few "
-                              "milliseconds) runs on the event loop; longer ones run in the model thread. 0: every "
-                              "call in the thread")
+    batch_chars: int = Field(
+        64_000,
+        ge=1,
+        description="most characters the micro-batcher hands the model in one "
+        "call; a larger batch request is cut into calls of this size, and single suggestions "
+        "are answered between them",
+    )
+    inline_chars: int = Field(
+        16_000,
+        ge=0,
+        description="a model call of at most this many characters (a few "
+        "milliseconds) runs on the event loop; longer ones run in the model thread. 0: every "
+        "call in the thread",
+    )
     host: str = Field("127.0.0.1", description="the interface the server listens on (sanshi-ml serve --host)")
     allowed_hosts: Annotated[list[str] | None, NoDecode] = Field(
-        None, description="Host header values the server answers (comma-separated; '*.example.org' matches "
-                          "subdomains, '*' any). Default: localhost, 127.0.0.1, [::1] and the bind host (for "
-                          "0.0.0.0 or ::, this machine's host name)")
-    body_timeout: float = Field(30.0, gt=0, description="seconds a client has to send a whole request body; "
-                                "a slower one gets 408 and the connection is closed")
+        None,
+        description="Host header values the server answers (comma-separated; '*.example.org' matches "
+        "subdomains, '*' any). Default: localhost, 127.0.0.1, [::1] and the bind host (for "
+        "0.0.0.0 or ::, this machine's host name)",
+    )
+    body_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="seconds a client has to send a whole request body; "
+        "a slower one gets 408 and the connection is closed",
+    )
     keep_alive_timeout: int = Field(5, ge=1, description="seconds an idle keep-alive connection stays open")
-    limit_concurrency: int | None = Field(None, ge=1, description="most connections and tasks at once per "
-                                          "worker; beyond it uvicorn answers 503 (default: no limit)")
-    store_check_seconds: float = Field(5.0, ge=0, description="how long /ready reuses a successful check of the "
-                                       "feedback store (a write read back) before it checks again")
+    limit_concurrency: int | None = Field(
+        None,
+        ge=1,
+        description="most connections and tasks at once per worker; beyond it uvicorn answers 503 (default: no limit)",
+    )
+    store_check_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="how long /ready reuses a successful check of the "
+        "feedback store (a write read back) before it checks again",
+    )
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod
@@ -68,8 +96,7 @@ class Settings(BaseSettings):
         if value is not None:
             value = [part for part in value if part]
             for pattern in value:
-                if "*" in pattern[1:] or (pattern.startswith("*") and pattern != "*" and
-                                          not pattern.startswith("*.")):
+                if "*" in pattern[1:] or (pattern.startswith("*") and pattern != "*" and not pattern.startswith("*.")):
                     raise ValueError(f"{pattern!r}: a wildcard host must look like '*.example.org' (or be '*')")
         return value or None
 
@@ -109,15 +136,19 @@ class Settings(BaseSettings):
         from sanshi_ml.config import load_params
 
         params = load_params(params_file)
-        from_params = {name: value for name, value in params.serve.model_dump().items()
-                       if name in cls.model_fields and f"{ENV_PREFIX}{name.upper()}" not in os.environ}
+        from_params = {
+            name: value
+            for name, value in params.serve.model_dump().items()
+            if name in cls.model_fields and f"{ENV_PREFIX}{name.upper()}" not in os.environ
+        }
         if params.policy.path and f"{ENV_PREFIX}POLICY_PATH" not in os.environ:
             from_params["policy_path"] = params.policy.path
         if params.tracking.uri and f"{ENV_PREFIX}TRACKING_URI" not in os.environ:
             from_params["tracking_uri"] = params.tracking.uri
         given = {name: value for name, value in explicit.items() if value is not None}
         model_chosen = {"model_dir", "model_uri"} & set(given) or any(
-            f"{ENV_PREFIX}{name.upper()}" in os.environ for name in ("model_dir", "model_uri"))
+            f"{ENV_PREFIX}{name.upper()}" in os.environ for name in ("model_dir", "model_uri")
+        )
         if not model_chosen:
             from_params["model_dir"] = params.train.model_dir  # the model `sanshi-ml train` writes by default
         return cls(**{**from_params, **given})

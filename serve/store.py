@@ -24,8 +24,8 @@ import time
 import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import lru_cache
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote
@@ -105,7 +105,7 @@ def engine_url(url: str) -> str:
     """``postgresql://`` and ``postgres://`` mean psycopg 3 here (SQLAlchemy would pick psycopg2)."""
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix):]
+            return "postgresql+psycopg://" + url[len(prefix) :]
     return url
 
 
@@ -157,28 +157,38 @@ class FeedbackEntry:
     def to_row(self, now: datetime) -> FeedbackRow:
         """The row to store: every free-text value masked, corrections worked out."""
         labels = {target: clean(label) for target, label in self.labels.items()}
-        suggestion = {target: {"label": clean(item.get("label")), "confidence": item.get("confidence")}
-                      for target, item in self.suggestion.items()}
+        suggestion = {
+            target: {"label": clean(item.get("label")), "confidence": item.get("confidence")}
+            for target, item in self.suggestion.items()
+        }
         corrected = sorted(t for t, label in labels.items() if suggestion.get(t, {}).get("label") != label)
         received = self.received_at or now.astimezone()  # the server's local time, like the hotline's clock
-        return FeedbackRow(created_at=now, record_id=clean(self.record_id) or None, title=clean(self.title),
-                           text=clean(self.text), received_at=received.replace(tzinfo=None),
-                           model_version=clean(self.model_version),
-                           suggestion=suggestion, labels=labels, corrected=corrected, clerk=clean(self.clerk) or None)
+        return FeedbackRow(
+            created_at=now,
+            record_id=clean(self.record_id) or None,
+            title=clean(self.title),
+            text=clean(self.text),
+            received_at=received.replace(tzinfo=None),
+            model_version=clean(self.model_version),
+            suggestion=suggestion,
+            labels=labels,
+            corrected=corrected,
+            clerk=clean(self.clerk) or None,
+        )
 
 
 def _utc(value: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes; everything this store writes is UTC."""
     if value is None or value.tzinfo is not None:
         return value
-    return value.replace(tzinfo=timezone.utc)
+    return value.replace(tzinfo=UTC)
 
 
 def _as_utc(value: datetime | None) -> datetime | None:
     """A filter bound in UTC; a naive bound is taken as UTC."""
     if value is None:
         return None
-    return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 T = TypeVar("T")
@@ -197,19 +207,24 @@ class FeedbackStore:
         self.path: Path | None = None  # a SQLite file whose identity is checked around every write
         self._identity: tuple[int, int] | None = None
         options: dict = {"pool_pre_ping": True, "hide_parameters": True}
-        if self.backend == "sqlite" and parsed.database not in (None, "", ":memory:") \
-                and "uri" not in parsed.query:
+        if self.backend == "sqlite" and parsed.database not in (None, "", ":memory:") and "uri" not in parsed.query:
             self.path = Path(parsed.database).resolve()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             _create_sqlite_file(self.path, self.url)
             # From here on the file is opened read-write and never created: a deleted file is an error, not a new
             # empty database.
-            parsed = parsed.set(database=f"file:{quote(str(self.path))}",
-                                query={**parsed.query, "mode": "rw", "uri": "true"})
+            parsed = parsed.set(
+                database=f"file:{quote(str(self.path))}", query={**parsed.query, "mode": "rw", "uri": "true"}
+            )
         elif self.backend == "postgresql" and parsed.get_driver_name() == "psycopg":
             # A database that does not answer must not hold a clerk's request (or /ready) for minutes.
-            defaults = {"connect_timeout": connect_timeout, "keepalives_idle": 10, "keepalives_interval": 5,
-                        "keepalives_count": 3, "tcp_user_timeout": 15_000}
+            defaults = {
+                "connect_timeout": connect_timeout,
+                "keepalives_idle": 10,
+                "keepalives_interval": 5,
+                "keepalives_count": 3,
+                "tcp_user_timeout": 15_000,
+            }
             options["connect_args"] = {k: v for k, v in defaults.items() if k not in parsed.query}
         try:
             self.engine: Engine = create_engine(parsed, **options)
@@ -233,8 +248,7 @@ class FeedbackStore:
                 if error.connection_invalidated or attempt == attempts - 1:
                     self.engine.dispose()
                     reason, message = classify(error)
-                    raise StoreUnavailable(reason, f"{self.url}: cannot create the feedback table: {message}") \
-                        from None
+                    raise StoreUnavailable(reason, f"{self.url}: cannot create the feedback table: {message}") from None
                 time.sleep(0.05 * (attempt + 1))
 
     # ---------------------------------------------------------------------------------------- the file's identity
@@ -246,14 +260,20 @@ class FeedbackStore:
         try:
             identity = _file_identity(self.path)
         except FileNotFoundError:
-            raise StoreUnavailable(DELETED, f"{self.url}: the database file was deleted while the server ran; "
-                                            "restore it and restart the server") from None
+            raise StoreUnavailable(
+                DELETED,
+                f"{self.url}: the database file was deleted while the server ran; restore it and restart the server",
+            ) from None
         except OSError as error:
-            raise StoreUnavailable(UNAVAILABLE, f"{self.url}: the database file cannot be checked "
-                                                f"({error.strerror})") from None
+            raise StoreUnavailable(
+                UNAVAILABLE, f"{self.url}: the database file cannot be checked ({error.strerror})"
+            ) from None
         if identity != self._identity:
-            raise StoreUnavailable(DELETED, f"{self.url}: the database file was deleted or replaced while the "
-                                            "server ran; restart the server to use the file now there")
+            raise StoreUnavailable(
+                DELETED,
+                f"{self.url}: the database file was deleted or replaced while the "
+                "server ran; restart the server to use the file now there",
+            )
 
     def _guarded(self, action: Callable[[], T], what: str) -> T:
         """Run ``action`` with the file checked before and after; database errors become StoreUnavailable."""
@@ -276,7 +296,7 @@ class FeedbackStore:
         the server opened. A connection lost before the commit is retried once on a new one (nothing was written);
         a commit that fails is never retried (it may or may not have landed) and is reported as unavailable.
         """
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
 
         def write() -> FeedbackRow:
             for attempt in range(2):
@@ -288,8 +308,10 @@ class FeedbackStore:
                     except DBAPIError as error:
                         session.rollback()
                         if error.connection_invalidated and attempt == 0:
-                            log.warning("feedback write: connection lost before commit (%s); retrying on a new one",
-                                        describe_exception(error))
+                            log.warning(
+                                "feedback write: connection lost before commit (%s); retrying on a new one",
+                                describe_exception(error),
+                            )
                             continue
                         raise
                     session.commit()
@@ -307,8 +329,13 @@ class FeedbackStore:
 
         return self._guarded(read, "feedback count")
 
-    def rows(self, since: datetime | None = None, until: datetime | None = None,
-             model_version: str | None = None, chunk: int = 1_000) -> Iterator[FeedbackRow]:
+    def rows(
+        self,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        model_version: str | None = None,
+        chunk: int = 1_000,
+    ) -> Iterator[FeedbackRow]:
         """Stored rows in the order they arrived, streamed ``chunk`` at a time so an export never loads them all."""
         since, until = _as_utc(since), _as_utc(until)
         last_id = 0
@@ -343,13 +370,14 @@ class FeedbackStore:
             if self.path is not None:
                 stats = os.statvfs(self.path.parent)
                 if stats.f_bavail * stats.f_frsize < MIN_FREE_BYTES:
-                    return StoreHealth(FULL, f"{self.url}: the disk holding the database has less than "
-                                             f"{MIN_FREE_BYTES >> 20} MiB free")
+                    return StoreHealth(
+                        FULL, f"{self.url}: the disk holding the database has less than {MIN_FREE_BYTES >> 20} MiB free"
+                    )
             token = secrets.token_hex(16)
 
             def probe() -> str | None:
                 with self.engine.begin() as connection:
-                    connection.execute(insert(ProbeRow).values(token=token, written_at=datetime.now(timezone.utc)))
+                    connection.execute(insert(ProbeRow).values(token=token, written_at=datetime.now(UTC)))
                 with self.engine.connect() as connection:
                     found = connection.scalar(select(ProbeRow.token).where(ProbeRow.token == token))
                 with self.engine.begin() as connection:
@@ -383,9 +411,12 @@ def classify(error: BaseException) -> tuple[str, str]:
         return FULL, "the database or the disk holding it is full" + suffix
     if name.startswith("SQLITE_CANTOPEN"):
         return DELETED, "the database file cannot be opened: it was deleted, or its folder is not accessible" + suffix
-    if state.startswith("08") or state in ("57P01", "57P02", "57P03") or \
-            getattr(error, "connection_invalidated", False) or \
-            (type(orig).__name__ == "OperationalError" and not name and not state):
+    if (
+        state.startswith("08")
+        or state in ("57P01", "57P02", "57P03")
+        or getattr(error, "connection_invalidated", False)
+        or (type(orig).__name__ == "OperationalError" and not name and not state)
+    ):
         return UNREACHABLE, "the database server cannot be reached" + suffix
     return UNAVAILABLE, "the database refused the operation" + suffix
 
@@ -402,8 +433,10 @@ def _create_sqlite_file(path: Path, url: str) -> None:
     try:
         sqlite3.connect(f"file:{quote(str(path))}?mode=rwc", uri=True).close()
     except sqlite3.Error as error:
-        raise StoreUnavailable(UNAVAILABLE, f"{url}: cannot create the database file "
-                                            f"({getattr(error, 'sqlite_errorname', type(error).__name__)})") from None
+        raise StoreUnavailable(
+            UNAVAILABLE,
+            f"{url}: cannot create the database file ({getattr(error, 'sqlite_errorname', type(error).__name__)})",
+        ) from None
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

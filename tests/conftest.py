@@ -21,8 +21,10 @@ def require(path: Path) -> Path:
     """Skip (or, in CI with SANSHI_REQUIRE_REAL_DATA=1, fail) when a real-data file is absent."""
     if path.exists():
         return path
-    reason = (f"real data not found at {path}: these tests read ../shared/data beside the repository "
-              "(set SANSHI_SHARED_DATA to point elsewhere)")
+    reason = (
+        f"real data not found at {path}: these tests read ../shared/data beside the repository "
+        "(set SANSHI_SHARED_DATA to point elsewhere)"
+    )
     if os.environ.get("SANSHI_REQUIRE_REAL_DATA") == "1":
         pytest.fail(reason)
     pytest.skip(reason)
@@ -62,10 +64,19 @@ def petitions_model_dir(tmp_path_factory, petitions_csv, repo_params) -> Path:
     from sanshi_ml.config import with_overrides
     from sanshi_ml.train import train
 
-    params = with_overrides(repo_params, {
-        "data.columns": {"id_col": "留言编号", "text_cols": ["留言主题", "留言详情"], "time_col": "留言时间",
-                         "segmented_col": None, "targets": PETITION_TARGETS},
-        "split.stratify_target": "category"})
+    params = with_overrides(
+        repo_params,
+        {
+            "data.columns": {
+                "id_col": "留言编号",
+                "text_cols": ["留言主题", "留言详情"],
+                "time_col": "留言时间",
+                "segmented_col": None,
+                "targets": PETITION_TARGETS,
+            },
+            "split.stratify_target": "category",
+        },
+    )
     out = tmp_path_factory.mktemp("petitions_model")
     train([petitions_csv], params, model_dir=out, progress=lambda _m: None, track=False)
     return out

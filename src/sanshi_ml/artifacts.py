@@ -31,7 +31,7 @@ import subprocess
 import tempfile
 import warnings
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -62,26 +62,41 @@ SIGNATURE_ALGORITHM = "hmac-sha256"
 # model must be added here, or its models are refused. An unpickler that can reach only these builds objects of
 # these classes (state set by their own __setstate__) and calls these functions, none of which runs code it is
 # handed. joblib 1.6+ routes the object arrays nested in its pickles (string labels) through the same check.
-TRUSTED_GLOBALS = frozenset({
-    "functools.partial",  # the vectorisers' analyzers: partial(word_ngrams | char_ngrams, n_max=…)
-    "joblib.numpy_pickle.NumpyArrayWrapper",
-    "numpy.dtype", "numpy.ndarray", "numpy.float32", "numpy.float64",
-    "numpy._core.multiarray._reconstruct", "numpy._core.multiarray.scalar",
-    "numpy.core.multiarray._reconstruct", "numpy.core.multiarray.scalar",  # the same, as numpy < 2 names them
-    "sanshi_ml.calibration.ConfidenceMap", "sanshi_ml.calibration.ConformalSets",
-    "sanshi_ml.decoding.LinkedTargets",
-    "sanshi_ml.features.char_ngrams", "sanshi_ml.features.word_ngrams",
-    "sanshi_ml.model.TargetHead", "sanshi_ml.model.TriageModel", "sanshi_ml.model._PackedStrings",
-    "sanshi_ml.text.Segmenter",
-    "sklearn.calibration.CalibratedClassifierCV", "sklearn.calibration._CalibratedClassifier",
-    "sklearn.calibration._SigmoidCalibration", "sklearn.calibration._TemperatureScaling",
-    "sklearn.isotonic.IsotonicRegression",
-    "sklearn.feature_extraction.text.TfidfTransformer", "sklearn.feature_extraction.text.TfidfVectorizer",
-    "sklearn.pipeline.FeatureUnion",
-    "sklearn.svm._classes.LinearSVC",
-    "sklearn.linear_model._logistic.LogisticRegression",
-    "sklearn.linear_model._stochastic_gradient.SGDClassifier", "sklearn.linear_model._sgd_fast.ModifiedHuber",
-})
+TRUSTED_GLOBALS = frozenset(
+    {
+        "functools.partial",  # the vectorisers' analyzers: partial(word_ngrams | char_ngrams, n_max=…)
+        "joblib.numpy_pickle.NumpyArrayWrapper",
+        "numpy.dtype",
+        "numpy.ndarray",
+        "numpy.float32",
+        "numpy.float64",
+        "numpy._core.multiarray._reconstruct",
+        "numpy._core.multiarray.scalar",
+        "numpy.core.multiarray._reconstruct",
+        "numpy.core.multiarray.scalar",  # the same, as numpy < 2 names them
+        "sanshi_ml.calibration.ConfidenceMap",
+        "sanshi_ml.calibration.ConformalSets",
+        "sanshi_ml.decoding.LinkedTargets",
+        "sanshi_ml.features.char_ngrams",
+        "sanshi_ml.features.word_ngrams",
+        "sanshi_ml.model.TargetHead",
+        "sanshi_ml.model.TriageModel",
+        "sanshi_ml.model._PackedStrings",
+        "sanshi_ml.text.Segmenter",
+        "sklearn.calibration.CalibratedClassifierCV",
+        "sklearn.calibration._CalibratedClassifier",
+        "sklearn.calibration._SigmoidCalibration",
+        "sklearn.calibration._TemperatureScaling",
+        "sklearn.isotonic.IsotonicRegression",
+        "sklearn.feature_extraction.text.TfidfTransformer",
+        "sklearn.feature_extraction.text.TfidfVectorizer",
+        "sklearn.pipeline.FeatureUnion",
+        "sklearn.svm._classes.LinearSVC",
+        "sklearn.linear_model._logistic.LogisticRegression",
+        "sklearn.linear_model._stochastic_gradient.SGDClassifier",
+        "sklearn.linear_model._sgd_fast.ModifiedHuber",
+    }
+)
 
 
 class ArtifactError(RuntimeError):
@@ -121,10 +136,17 @@ def library_versions() -> dict[str, str]:
 def git_commit(cwd: str | Path | None = None) -> str | None:
     """The current commit (with '+dirty' if the tree has changes), or None outside a git checkout."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                                check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+dirty" if dirty else "")
@@ -155,8 +177,9 @@ def model_key(model_dir: str | Path | None = None) -> bytes | None:
     if key_file:
         path = Path(key_file)
         if model_dir is not None and path.resolve().is_relative_to(Path(model_dir).resolve()):
-            raise ArtifactError(f"{KEY_FILE_ENV}={key_file} lies in the model directory it would vouch for; keep "
-                                "the key elsewhere")
+            raise ArtifactError(
+                f"{KEY_FILE_ENV}={key_file} lies in the model directory it would vouch for; keep the key elsewhere"
+            )
         try:
             key = path.read_bytes().strip()
         except OSError as error:
@@ -167,8 +190,10 @@ def model_key(model_dir: str | Path | None = None) -> bytes | None:
         return None
     if len(key) < MIN_KEY_BYTES:
         source = KEY_FILE_ENV if key_file else KEY_ENV
-        raise ArtifactError(f"{source}: the model key has {len(key)} bytes; use at least {MIN_KEY_BYTES} "
-                            "(e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`)")
+        raise ArtifactError(
+            f"{source}: the model key has {len(key)} bytes; use at least {MIN_KEY_BYTES} "
+            "(e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`)"
+        )
     return key
 
 
@@ -181,15 +206,20 @@ def _signed_message(metadata: dict) -> bytes:
     """What a signature vouches for: the model file (by its sha256, name and size) and the 责任清单 it was trained
     with (by its sha256). Metadata written later (evaluation figures, the MLflow run) is not covered."""
     artifact = metadata.get("artifact") or {}
-    content = {"artifact": {k: artifact.get(k) for k in ("file", "sha256", "bytes")},
-               "policy_sha256": (metadata.get("policy") or {}).get("sha256")}
+    content = {
+        "artifact": {k: artifact.get(k) for k in ("file", "sha256", "bytes")},
+        "policy_sha256": (metadata.get("policy") or {}).get("sha256"),
+    }
     return b"sanshi-ml model signature v1\n" + json.dumps(content, sort_keys=True).encode("utf-8")
 
 
 def signature(metadata: dict, key: bytes) -> dict:
     """The metadata's ``signature`` entry for ``key``."""
-    return {"algorithm": SIGNATURE_ALGORITHM, "key_id": _key_id(key),
-            "value": hmac.new(key, _signed_message(metadata), hashlib.sha256).hexdigest()}
+    return {
+        "algorithm": SIGNATURE_ALGORITHM,
+        "key_id": _key_id(key),
+        "value": hmac.new(key, _signed_message(metadata), hashlib.sha256).hexdigest(),
+    }
 
 
 def _require_signed() -> bool:
@@ -197,9 +227,11 @@ def _require_signed() -> bool:
 
 
 _WARNED_UNSIGNED: set[str] = set()  # one note per model directory and process
-UNSIGNED_NOTE = (f"loaded without an authenticity check (no model key configured: set {KEY_FILE_ENV} or {KEY_ENV}, "
-                 f"and {REQUIRE_SIGNED_ENV}=1 to refuse unsigned models); its sha256 and the unpickler's allow-list "
-                 "still apply")
+UNSIGNED_NOTE = (
+    f"loaded without an authenticity check (no model key configured: set {KEY_FILE_ENV} or {KEY_ENV}, "
+    f"and {REQUIRE_SIGNED_ENV}=1 to refuse unsigned models); its sha256 and the unpickler's allow-list "
+    "still apply"
+)
 
 
 def check_signature(metadata: dict, model_dir: Path, require_signed: bool | None = None) -> None:
@@ -209,8 +241,10 @@ def check_signature(metadata: dict, model_dir: Path, require_signed: bool | None
     recorded = metadata.get("signature")
     if key is None:
         if require:
-            raise ArtifactError(f"{model_dir}: signed models are required ({REQUIRE_SIGNED_ENV}) but no model key "
-                                f"is configured to check them; set {KEY_FILE_ENV} or {KEY_ENV}")
+            raise ArtifactError(
+                f"{model_dir}: signed models are required ({REQUIRE_SIGNED_ENV}) but no model key "
+                f"is configured to check them; set {KEY_FILE_ENV} or {KEY_ENV}"
+            )
         # The usual case on an analyst's machine, so not a warning on every command; the server, where a
         # planted model would matter most, warns at start-up (see `sanshi-ml serve`).
         if str(model_dir) not in _WARNED_UNSIGNED:
@@ -218,17 +252,24 @@ def check_signature(metadata: dict, model_dir: Path, require_signed: bool | None
             log.debug("%s: %s", model_dir, UNSIGNED_NOTE)
         return
     if not isinstance(recorded, dict) or recorded.get("algorithm") != SIGNATURE_ALGORITHM:
-        raise ArtifactError(f"{model_dir}: the model is not signed, and a model key is configured; retrain it with "
-                            "the key set, or, if you know where it comes from, sign it: "
-                            f"`python -m sanshi_ml.artifacts sign {model_dir}`")
+        raise ArtifactError(
+            f"{model_dir}: the model is not signed, and a model key is configured; retrain it with "
+            "the key set, or, if you know where it comes from, sign it: "
+            f"`python -m sanshi_ml.artifacts sign {model_dir}`"
+        )
     expected = signature(metadata, key)
     if not hmac.compare_digest(str(recorded.get("value", "")), expected["value"]):
         other = recorded.get("key_id") not in (None, expected["key_id"])
-        raise ArtifactError(f"{model_dir}: signature check failed: "
-                            + ("the model was signed with another key (key id "
-                               f"{recorded.get('key_id')}, this one is {expected['key_id']})" if other else
-                               "the model file or the metadata was changed after the model was signed")
-                            + ". Refusing to load it.")
+        raise ArtifactError(
+            f"{model_dir}: signature check failed: "
+            + (
+                "the model was signed with another key (key id "
+                f"{recorded.get('key_id')}, this one is {expected['key_id']})"
+                if other
+                else "the model file or the metadata was changed after the model was signed"
+            )
+            + ". Refusing to load it."
+        )
 
 
 def sign_model(model_dir: str | Path) -> dict:
@@ -254,8 +295,10 @@ class _AllowListUnpickler(NumpyUnpickler):
 
     def find_class(self, module: str, name: str):
         if f"{module}.{name}" not in TRUSTED_GLOBALS:
-            raise ArtifactError(f"the pickle names {module}.{name}, which a sanshi-ml model never holds; refusing "
-                                "to load it (unpickling it could run code)")
+            raise ArtifactError(
+                f"the pickle names {module}.{name}, which a sanshi-ml model never holds; refusing "
+                "to load it (unpickling it could run code)"
+            )
         return super().find_class(module, name)
 
 
@@ -269,9 +312,11 @@ def _unpickle(data: bytes, source: str):
 def _check_sha256(data: bytes, expected: str, source: str) -> None:
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
-        raise ArtifactError(f"{source}: integrity check failed: sha256 is {actual[:16]}…, metadata expects "
-                            f"{str(expected)[:16]}…; the file was changed or does not belong to this metadata. "
-                            "Refusing to load it.")
+        raise ArtifactError(
+            f"{source}: integrity check failed: sha256 is {actual[:16]}…, metadata expects "
+            f"{str(expected)[:16]}…; the file was changed or does not belong to this metadata. "
+            "Refusing to load it."
+        )
 
 
 def model_from_bytes(data: bytes, sha256: str, source: str = "model") -> TriageModel:
@@ -299,11 +344,18 @@ def contained_file(model_dir: str | Path, name: object, what: str = "file") -> P
     directory part or ``..``, so that a metadata file cannot point a loader outside its model directory."""
     model_dir = Path(model_dir)
     text = name if isinstance(name, str) else ""
-    plain = (text and text not in (".", "..") and "\x00" not in text
-             and len(PurePosixPath(text).parts) == 1 and len(PureWindowsPath(text).parts) == 1)
+    plain = (
+        text
+        and text not in (".", "..")
+        and "\x00" not in text
+        and len(PurePosixPath(text).parts) == 1
+        and len(PureWindowsPath(text).parts) == 1
+    )
     if not plain:
-        raise ArtifactError(f"{model_dir / METADATA_FILE}: the {what} is given as {name!r}; only a file name inside "
-                            "the model directory is accepted. Refusing to load it.")
+        raise ArtifactError(
+            f"{model_dir / METADATA_FILE}: the {what} is given as {name!r}; only a file name inside "
+            "the model directory is accepted. Refusing to load it."
+        )
     return model_dir / text
 
 
@@ -314,8 +366,10 @@ def checked_file(model_dir: str | Path, record: dict, what: str = "file") -> Pat
     if not path.is_file():
         raise ArtifactError(f"{path}: missing; the model directory is incomplete (retrain it with `sanshi-ml train`)")
     if sha256_file(path) != record.get("sha256"):
-        raise ArtifactError(f"{path}: integrity check failed (its sha256 differs from metadata.json); retrain the "
-                            "model or restore the file")
+        raise ArtifactError(
+            f"{path}: integrity check failed (its sha256 differs from metadata.json); retrain the "
+            "model or restore the file"
+        )
     return path
 
 
@@ -333,8 +387,9 @@ def _read_artifact(model_dir: Path, metadata: dict) -> bytes:
 
 
 def _write_metadata(model_dir: Path, metadata: dict) -> None:
-    atomic_write_bytes(model_dir / METADATA_FILE,
-                       json.dumps(metadata, ensure_ascii=False, indent=2, default=str).encode("utf-8"))
+    atomic_write_bytes(
+        model_dir / METADATA_FILE, json.dumps(metadata, ensure_ascii=False, indent=2, default=str).encode("utf-8")
+    )
 
 
 def save_model(model: TriageModel, model_dir: str | Path, extra: dict | None = None) -> dict:
@@ -359,7 +414,7 @@ def save_model(model: TriageModel, model_dir: str | Path, extra: dict | None = N
         raise
     metadata = {
         "format_version": FORMAT_VERSION,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "artifact": {"file": MODEL_FILE, "sha256": digest, "bytes": size},
         "git_commit": git_commit(),
         "libraries": library_versions(),
@@ -404,8 +459,9 @@ def update_metadata(model_dir: str | Path, **fields) -> dict:
     return metadata
 
 
-def load_model(model_dir: str | Path, *, allow_version_mismatch: bool = False,
-               require_signed: bool | None = None) -> LoadedModel:
+def load_model(
+    model_dir: str | Path, *, allow_version_mismatch: bool = False, require_signed: bool | None = None
+) -> LoadedModel:
     """Load a model directory after the checks the module docstring lists (path, sha256 of the bytes read,
     signature, library versions), through the allow-list unpickler."""
     model_dir = Path(model_dir)
@@ -418,8 +474,10 @@ def load_model(model_dir: str | Path, *, allow_version_mismatch: bool = False,
     for name in STRICT_LIBRARIES:
         saved = metadata.get("libraries", {}).get(name)
         if saved and saved != current.get(name):
-            message = (f"{model_dir}: trained with {name} {saved}, this environment has {current.get(name)}; "
-                       "retrain the model or install the same version")
+            message = (
+                f"{model_dir}: trained with {name} {saved}, this environment has {current.get(name)}; "
+                "retrain the model or install the same version"
+            )
             if not allow_version_mismatch:
                 raise ArtifactError(message)
             warnings.warn(message, stacklevel=2)
@@ -433,24 +491,35 @@ def recorded_policy(loaded: LoadedModel, policy_path: str | Path | None = None):
     from sanshi_ml.policy import load_policy
 
     recorded = loaded.metadata.get("policy") or {}
-    targets = {"sanshi_target": recorded.get("sanshi_target", "sanshi"),
-               "unit_target": recorded.get("unit_target", "unit")}
+    targets = {
+        "sanshi_target": recorded.get("sanshi_target", "sanshi"),
+        "unit_target": recorded.get("unit_target", "unit"),
+    }
     expected = recorded.get("sha256")
     if policy_path is not None:
         policy = load_policy(policy_path, **targets)
         if expected and policy.sha256 != expected:
-            log.warning("using the 责任清单 %s (sha256 %s…), not the one the model %s was trained with (%s, sha256 "
-                        "%s…)", policy_path, policy.sha256[:12], loaded.version, recorded.get("path") or "built-in",
-                        str(expected)[:12])
+            log.warning(
+                "using the 责任清单 %s (sha256 %s…), not the one the model %s was trained with (%s, sha256 %s…)",
+                policy_path,
+                policy.sha256[:12],
+                loaded.version,
+                recorded.get("path") or "built-in",
+                str(expected)[:12],
+            )
         return policy
     policy = load_policy(recorded.get("path"), **targets)
     if expected and policy.sha256 != expected:
         where = recorded.get("path") or "the built-in 责任清单"
-        message = (f"{where}: the 责任清单 changed since the model {loaded.version} was trained (sha256 "
-                   f"{policy.sha256[:12]}…, recorded {str(expected)[:12]}…)")
+        message = (
+            f"{where}: the 责任清单 changed since the model {loaded.version} was trained (sha256 "
+            f"{policy.sha256[:12]}…, recorded {str(expected)[:12]}…)"
+        )
         if recorded.get("path"):
-            raise ArtifactError(f"{message}; restore it, retrain the model, or name the 责任清单 to use "
-                                "explicitly (--policy, policy_path)")
+            raise ArtifactError(
+                f"{message}; restore it, retrain the model, or name the 责任清单 to use "
+                "explicitly (--policy, policy_path)"
+            )
         log.warning("%s; using the installed one", message)  # a sanshi-ml upgrade changed the built-in list
     return policy
 

@@ -54,8 +54,9 @@ class ConformalSets:
             # Too few held-out rows for this level: even the most unusual label would get a large enough p-value.
             return cls(level=float(level), threshold=float("inf"), scores=scores, n_calibration=n)
         p_values = ConformalClassifier().fit(scores).predict_p(scores, smoothing=False)
-        return cls(level=float(level), threshold=float(scores[p_values >= 1.0 - level].max()), scores=scores,
-                   n_calibration=n)
+        return cls(
+            level=float(level), threshold=float(scores[p_values >= 1.0 - level].max()), scores=scores, n_calibration=n
+        )
 
     def mask(self, proba: np.ndarray) -> np.ndarray:
         """Which labels are in each record's set (rows × labels, boolean)."""
@@ -63,9 +64,13 @@ class ConformalSets:
 
     def describe(self) -> dict:
         threshold = self.threshold if np.isfinite(self.threshold) else None  # None: every label is always in the set
-        return {"level": self.level, "threshold": threshold, "n_calibration": self.n_calibration,
-                "score": "1 - p(label)", "sets": "marginal split conformal (crepes)"}
-
+        return {
+            "level": self.level,
+            "threshold": threshold,
+            "n_calibration": self.n_calibration,
+            "score": "1 - p(label)",
+            "sets": "marginal split conformal (crepes)",
+        }
 
 
 def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
@@ -106,8 +111,13 @@ def choose_threshold(confidence: np.ndarray, correct: np.ndarray, target_accurac
     at least the target, cut so that equal confidences are never split.
     """
     if len(confidence) == 0:
-        return {"threshold": NEVER_ACCEPT, "holdout_accuracy": None, "holdout_coverage": 0.0, "n_holdout": 0,
-                "reachable": False}
+        return {
+            "threshold": NEVER_ACCEPT,
+            "holdout_accuracy": None,
+            "holdout_coverage": 0.0,
+            "n_holdout": 0,
+            "reachable": False,
+        }
     order = np.argsort(-confidence, kind="stable")
     conf_sorted = confidence[order]
     cum_acc = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
@@ -115,11 +125,21 @@ def choose_threshold(confidence: np.ndarray, correct: np.ndarray, target_accurac
     valid_cut = np.r_[conf_sorted[1:] < conf_sorted[:-1], True]
     ok = np.flatnonzero(valid_cut & (cum_acc >= target_accuracy))
     if len(ok) == 0:
-        return {"threshold": NEVER_ACCEPT, "holdout_accuracy": None, "holdout_coverage": 0.0,
-                "n_holdout": int(len(order)), "reachable": False}
+        return {
+            "threshold": NEVER_ACCEPT,
+            "holdout_accuracy": None,
+            "holdout_coverage": 0.0,
+            "n_holdout": int(len(order)),
+            "reachable": False,
+        }
     last = ok[-1]
-    return {"threshold": float(conf_sorted[last]), "holdout_accuracy": float(cum_acc[last]),
-            "holdout_coverage": float((last + 1) / len(order)), "n_holdout": int(len(order)), "reachable": True}
+    return {
+        "threshold": float(conf_sorted[last]),
+        "holdout_accuracy": float(cum_acc[last]),
+        "holdout_coverage": float((last + 1) / len(order)),
+        "n_holdout": int(len(order)),
+        "reachable": True,
+    }
 
 
 @dataclass
@@ -154,7 +174,8 @@ class ConfidenceMap:
         # n rows never make a step certain: its share of right answers is kept within [1/(n+1), n/(n+1)], so a
         # step where every row was right does not flatten the top of the map at 1.
         fitted = IsotonicRegression(y_min=1.0 / (n + 1), y_max=n / (n + 1), out_of_bounds="clip").fit_transform(
-            x, np.asarray(correct, dtype=np.float64)[order])
+            x, np.asarray(correct, dtype=np.float64)[order]
+        )
         starts = np.r_[0, np.flatnonzero(np.diff(fitted) > 0) + 1]
         centres = np.add.reduceat(x, starts) / np.diff(np.r_[starts, n])
         knots, values = np.r_[0.0, centres, 1.0], np.r_[0.0, fitted[starts], 1.0]
@@ -165,8 +186,11 @@ class ConfidenceMap:
         return np.interp(confidence, self.knots, self.values)
 
     def describe(self) -> dict:
-        return {"method": "isotonic, interpolated between step centres", "steps": int(len(self.knots)),
-                "n_calibration": self.n_calibration}
+        return {
+            "method": "isotonic, interpolated between step centres",
+            "steps": int(len(self.knots)),
+            "n_calibration": self.n_calibration,
+        }
 
 
 class _DecisionValues(ClassifierMixin, BaseEstimator):
@@ -189,8 +213,9 @@ class _DecisionValues(ClassifierMixin, BaseEstimator):
         return self.classes_[decision.argmax(axis=1)]
 
 
-def out_of_fold_decisions(fold_base, X, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]],
-                          n_jobs: int | None) -> np.ndarray:
+def out_of_fold_decisions(
+    fold_base, X, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]], n_jobs: int | None
+) -> np.ndarray:
     """Each row's decision values from a clone of ``fold_base`` trained on the other folds (rows x labels; one
     column for two labels, as LinearSVC's)."""
     decision = cross_val_predict(fold_base, X, y, cv=folds, method="decision_function", n_jobs=n_jobs)
@@ -216,8 +241,9 @@ def attach_final(calibrated: CalibratedClassifierCV, final) -> CalibratedClassif
     return calibrated
 
 
-def cross_fitted_classifier(base, fold_base, X, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]],
-                            method: str, n_jobs: int | None) -> tuple[CalibratedClassifierCV, np.ndarray]:
+def cross_fitted_classifier(
+    base, fold_base, X, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]], method: str, n_jobs: int | None
+) -> tuple[CalibratedClassifierCV, np.ndarray]:
     """``base`` trained on every row and calibrated (``method``) on out-of-fold decision values of ``fold_base``,
     and the rows' out-of-fold calibrated probabilities (columns in the order of the result's ``classes_``).
 

@@ -36,12 +36,15 @@ class ColumnsConfig(_Section):
     """How the columns of an export map onto the record schema."""
 
     id_col: str | None = Field(None, description="record id column; None recognises 留言编号, 工单编号, id, …")
-    text_cols: list[str] = Field(default_factory=lambda: ["标题", "诉求内容"],
-                                 description="title first (if more than one), then the text; joined in order")
+    text_cols: list[str] = Field(
+        default_factory=lambda: ["标题", "诉求内容"],
+        description="title first (if more than one), then the text; joined in order",
+    )
     time_col: str | None = Field(None, description="received-time column; None recognises 留言时间, 受理时间, …")
     segmented_col: str | None = Field(None, description="pre-segmented text (tokens joined by spaces)")
-    targets: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_TARGETS),
-                                    description="target name -> label column")
+    targets: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_TARGETS), description="target name -> label column"
+    )
 
     @field_validator("targets")
     @classmethod
@@ -53,11 +56,18 @@ class ColumnsConfig(_Section):
 
 class DataConfig(_Section):
     path: str = "data/demo/records.csv"
-    encoding: str | None = Field(None, description=(
-        "text encoding of CSV exports; None: the byte-order mark, else detected (GB18030/GBK, UTF-8, UTF-16, Big5)"))
+    encoding: str | None = Field(
+        None,
+        description=(
+            "text encoding of CSV exports; None: the byte-order mark, else detected (GB18030/GBK, UTF-8, UTF-16, Big5)"
+        ),
+    )
     sheet: str | int | None = Field(None, description="Excel: a sheet's name or 1-based position; None: the first")
-    header_row: int | None = Field(None, ge=1, description=(
-        "1-based row of the column names (CSV and Excel); None: the first row holding the needed columns"))
+    header_row: int | None = Field(
+        None,
+        ge=1,
+        description=("1-based row of the column names (CSV and Excel); None: the first row holding the needed columns"),
+    )
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
 
     @field_validator("encoding")
@@ -85,9 +95,15 @@ class SplitConfig(_Section):
     estimate, and with a holdout also those of a model fitted without the holdout rows. Duplicates stay on one
     side."""
 
-    holdout: float = Field(0.0, ge=0, lt=1, description=(
-        "share of rows set aside before training and measured by a model fitted on the rest; the saved model is "
-        "then refitted on all rows. 0: no holdout"))
+    holdout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description=(
+            "share of rows set aside before training and measured by a model fitted on the rest; the saved model is "
+            "then refitted on all rows. 0: no holdout"
+        ),
+    )
     seed: int = 42
     stratify_target: str | None = Field(None, description="target to stratify on; None = the first target")
 
@@ -95,8 +111,10 @@ class SplitConfig(_Section):
     @classmethod
     def _test_size_became_holdout(cls, data: Any) -> Any:
         if isinstance(data, dict) and "test_size" in data:
-            raise ValueError("split.test_size is gone: the saved model now trains on every row. For an untouched "
-                             "holdout measured before the refit, set split.holdout (e.g. 0.2); remove test_size")
+            raise ValueError(
+                "split.test_size is gone: the saved model now trains on every row. For an untouched "
+                "holdout measured before the refit, set split.holdout (e.g. 0.2); remove test_size"
+            )
         return data
 
 
@@ -119,48 +137,72 @@ class FeaturesConfig(_Section):
     sublinear_tf: bool = True
     min_df: int = Field(1, ge=1)
     max_features: int | None = Field(None, ge=1)
-    title_weight: float = Field(0.5, ge=0, le=5, description=(
-        "weight of a second word and character block built from the title alone (titles name the matter in a "
-        "few words); 0 turns it off. Data without titles (a pre-segmented column) never gets the block"))
+    title_weight: float = Field(
+        0.5,
+        ge=0,
+        le=5,
+        description=(
+            "weight of a second word and character block built from the title alone (titles name the matter in a "
+            "few words); 0 turns it off. Data without titles (a pre-segmented column) never gets the block"
+        ),
+    )
 
 
 class TrainConfig(_Section):
     model_dir: str = "models/demo"
     classifier: Literal["linear_svc", "logistic_regression", "sgd_modified_huber"] = Field(
-        "linear_svc", description="the linear model of every head (each calibrated the same way)")
+        "linear_svc", description="the linear model of every head (each calibrated the same way)"
+    )
     C: float = Field(0.7, gt=0)
     class_weight: Literal["balanced"] | None = "balanced"
     linked_targets: list[tuple[str, str]] = Field(
         default_factory=lambda: [("category", "subcategory"), ("sanshi", "unit")],
         description="pairs of targets decoded jointly: the pair of labels seen together in training with the "
-                    "highest product of probabilities (pairs naming a target the data lacks are skipped)")
+        "highest product of probabilities (pairs naming a target the data lacks are skipped)",
+    )
     calibration: Literal["sigmoid", "isotonic", "temperature"] = "sigmoid"
-    calibration_cv: int = Field(5, ge=2, description=(
-        "cross-fitting folds (repeated texts kept together): their out-of-fold predictions calibrate the final "
-        "model and choose the temperature, prior correction, confidence map, review threshold and prediction sets; "
-        "fewer when a label has fewer rows"))
+    calibration_cv: int = Field(
+        5,
+        ge=2,
+        description=(
+            "cross-fitting folds (repeated texts kept together): their out-of-fold predictions calibrate the final "
+            "model and choose the temperature, prior correction, confidence map, review threshold and prediction sets; "
+            "fewer when a label has fewer rows"
+        ),
+    )
     min_label_rows: int = Field(3, ge=2, description="labels with fewer training rows are left out (and reported)")
     target_accuracy: float = Field(0.95, gt=0, le=1, description="accuracy of predictions accepted without review")
     target_accuracy_by_target: dict[str, float] = Field(default_factory=dict)
     prior_correction: list[float] = Field(
         default_factory=lambda: [0.0],
-        description="strengths tau of the prior correction tried on the out-of-fold predictions: the label chosen is the "
-                    "argmax of p(label) / prior(label)^tau, tau maximising the hold-out macro-F1 (probabilities "
-                    "and confidences stay calibrated); [0] turns it off")
+        description="strengths tau of the prior correction tried on the out-of-fold predictions: the label chosen "
+        "is the argmax of p(label) / prior(label)^tau, tau maximising the hold-out macro-F1 (probabilities "
+        "and confidences stay calibrated); [0] turns it off",
+    )
     prior_correction_by_target: dict[str, list[float]] = Field(
         default_factory=lambda: {"sanshi": [0.0, 0.25, 0.5, 0.75, 1.0]},
         description="per-target strengths, instead of prior_correction; by default only 三事, whose rare 共事 and 家事 "
-                    "are what triage is for (on other targets it can over-correct toward rare labels)")
+        "are what triage is for (on other targets it can over-correct toward rare labels)",
+    )
     recalibrate: Literal["none", "temperature"] = Field(
-        "temperature", description="a second step on the calibrated probabilities: one temperature per target, fitted "
-                                   "on the out-of-fold predictions; it never changes the predicted label")
+        "temperature",
+        description="a second step on the calibrated probabilities: one temperature per target, fitted "
+        "on the out-of-fold predictions; it never changes the predicted label",
+    )
     confidence_calibration: Literal["none", "isotonic"] = Field(
-        "isotonic", description="a last step on the confidence, the chosen label's probability: a monotone map to "
-                                "the chance that the label is right (top-label calibration), fitted on the "
-                                "out-of-fold predictions; it keeps the confidence ranking and never changes a label")
-    conformal_level: float = Field(0.9, gt=0, lt=1, description="share of records whose conformal prediction set "
-                                                               "holds the true label; calibrated on the "
-                                                               "out-of-fold predictions")
+        "isotonic",
+        description="a last step on the confidence, the chosen label's probability: a monotone map to "
+        "the chance that the label is right (top-label calibration), fitted on the "
+        "out-of-fold predictions; it keeps the confidence ranking and never changes a label",
+    )
+    conformal_level: float = Field(
+        0.9,
+        gt=0,
+        lt=1,
+        description="share of records whose conformal prediction set "
+        "holds the true label; calibrated on the "
+        "out-of-fold predictions",
+    )
     n_jobs: int = Field(-1, description="parallel cross-fitting folds; -1 uses every core")
     reason_terms: int = Field(5, ge=0, le=50)
 
@@ -195,14 +237,16 @@ class TrainConfig(_Section):
         if self.recalibrate == "temperature" and self.calibration == "isotonic":
             # Isotonic calibration puts exact zeros and ones in the probabilities; a temperature on their logarithms
             # is meaningless there (measured: ECE 0.02 -> 0.16 on fj2).
-            raise ValueError("recalibrate 'temperature' cannot follow calibration 'isotonic'; "
-                             "set train.recalibrate to 'none'")
+            raise ValueError(
+                "recalibrate 'temperature' cannot follow calibration 'isotonic'; set train.recalibrate to 'none'"
+            )
         return self
 
 
 class TuneConfig(_Section):
-    target: str | None = Field(None, description="the target whose cross-validated macro-F1 ranks the settings; "
-                                                 "None: the first target")
+    target: str | None = Field(
+        None, description="the target whose cross-validated macro-F1 ranks the settings; None: the first target"
+    )
     cv: int = Field(3, ge=2, description="cross-validation folds per setting (duplicates kept together)")
     n_trials: int = Field(12, ge=1, description="settings tried; a smaller space is searched exhaustively")
     seed: int = 0
@@ -220,8 +264,10 @@ class PolicyConfig(_Section):
     sanshi_target: str = "sanshi"
     unit_target: str = "unit"
     review_rule: Literal["threshold", "set", "both"] = Field(
-        "threshold", description="what sends a field to review: its confidence below the threshold, its conformal "
-                                 "prediction set not holding exactly one label, or either")
+        "threshold",
+        description="what sends a field to review: its confidence below the threshold, its conformal "
+        "prediction set not holding exactly one label, or either",
+    )
 
 
 class TrackingConfig(_Section):

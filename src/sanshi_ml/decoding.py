@@ -25,8 +25,14 @@ class LinkedTargets:
     allowed: np.ndarray  # bool, shape (len(first classes), len(second classes))
 
     @classmethod
-    def from_pairs(cls, first: str, second: str, first_classes: Sequence[str], second_classes: Sequence[str],
-                   pairs: Iterable[tuple[str, str]]) -> LinkedTargets:
+    def from_pairs(
+        cls,
+        first: str,
+        second: str,
+        first_classes: Sequence[str],
+        second_classes: Sequence[str],
+        pairs: Iterable[tuple[str, str]],
+    ) -> LinkedTargets:
         """The allowed matrix from label pairs (pairs with a label outside a head's classes are ignored)."""
         rows = {label: i for i, label in enumerate(first_classes)}
         cols = {label: j for j, label in enumerate(second_classes)}
@@ -45,8 +51,10 @@ class LinkedTargets:
         """Per row, the indices (first, second) of the allowed pair with the largest product of probabilities."""
         k1, k2 = first_proba.shape[1], second_proba.shape[1]
         if (k1, k2) != self.allowed.shape:
-            raise ValueError(f"linked targets {self.first}/{self.second}: probabilities have {k1} and {k2} "
-                             f"columns, the allowed pairs {self.allowed.shape}")
+            raise ValueError(
+                f"linked targets {self.first}/{self.second}: probabilities have {k1} and {k2} "
+                f"columns, the allowed pairs {self.allowed.shape}"
+            )
         first_of, second_of = np.nonzero(self.allowed)  # only allowed pairs: memory n x pairs, not n x k1 x k2
         best = (first_proba[:, first_of] * second_proba[:, second_of]).argmax(axis=1)
         return first_of[best], second_of[best]

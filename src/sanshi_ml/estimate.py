@@ -67,8 +67,10 @@ def estimate(model: TriageModel, records: RecordSet) -> Estimate:
     """The out-of-fold estimate of ``model`` on the records it was just fitted on (see the module's docstring)."""
     cross_fit = model.cross_fit_
     if cross_fit is None:
-        raise ModelError("the out-of-fold estimate needs the model fitted in this process (a loaded model has no "
-                         "cross-fitting evidence); measure a saved model with `sanshi-ml evaluate`")
+        raise ModelError(
+            "the out-of-fold estimate needs the model fitted in this process (a loaded model has no "
+            "cross-fitting evidence); measure a saved model with `sanshi-ml evaluate`"
+        )
     n = len(records)
     if any(rows.decision.shape[0] != n for rows in cross_fit.values()):
         raise ModelError("the out-of-fold estimate needs the records the model was fitted on")
@@ -83,16 +85,19 @@ def estimate(model: TriageModel, records: RecordSet) -> Estimate:
         for name, shipped in model.heads.items():
             trained = cross_fit[name].trained & in_fit
             heads[name], probas[name] = _fold_chain(name, shipped, cross_fit[name], trained, labels[name], cfg)
-            rows[name] = CrossFitRows(trained=trained, labels=labels[name][trained].astype(str),
-                                      decision=cross_fit[name].decision)
+            rows[name] = CrossFitRows(
+                trained=trained, labels=labels[name][trained].astype(str), decision=cross_fit[name].decision
+            )
         links = link_targets(heads, records.frame.iloc[fit_rows], cfg.linked_targets)
         fit_review(heads, links, probas, rows, cfg)
         predictions = decode(heads, links, {name: proba[test_rows] for name, proba in probas.items()})
         for name, pred in predictions.items():
             gathered[name].put(test_rows, pred, probas[name][test_rows], heads[name].threshold)
     out = {name: gathered[name].predictions(model.heads[name]) for name in model.heads}
-    before = {name: TargetPredictions(head.classes, _softmax_decisions(cross_fit[name].decision), head.threshold)
-              for name, head in model.heads.items()}
+    before = {
+        name: TargetPredictions(head.classes, _softmax_decisions(cross_fit[name].decision), head.threshold)
+        for name, head in model.heads.items()
+    }
     return Estimate(out, before, len(folds))
 
 
@@ -111,8 +116,9 @@ def evaluation_folds(records: RecordSet, k: int) -> list[tuple[np.ndarray, np.nd
         return list(GroupKFold(n_splits=k).split(np.zeros(len(groups)), groups=groups))
 
 
-def _fold_chain(name: str, shipped: TargetHead, cross_fit: CrossFitRows, trained: np.ndarray, labels: np.ndarray,
-                cfg) -> tuple[TargetHead, np.ndarray]:
+def _fold_chain(
+    name: str, shipped: TargetHead, cross_fit: CrossFitRows, trained: np.ndarray, labels: np.ndarray, cfg
+) -> tuple[TargetHead, np.ndarray]:
     """One target's calibration chain fitted on the out-of-fold decision values of ``trained`` rows, and every
     record's probabilities through it, over the shipped head's labels (a label the fold's rows cannot calibrate,
     having fewer than two of them, gets probability 0, as a label unknown to a model trained without those rows)."""
@@ -121,8 +127,10 @@ def _fold_chain(name: str, shipped: TargetHead, cross_fit: CrossFitRows, trained
     values, counts = np.unique(y, return_counts=True)
     known = values[counts >= 2]
     if len(known) < 2:
-        raise ModelError(f"target '{name}': a fold of the out-of-fold estimate holds fewer than two labels with two "
-                         "rows each; the data is too small for the estimate")
+        raise ModelError(
+            f"target '{name}': a fold of the out-of-fold estimate holds fewer than two labels with two "
+            "rows each; the data is too small for the estimate"
+        )
     rows = trained & np.isin(labels.astype(str), known)
     columns = label_columns(classes, known)
     decision = _decision_columns(cross_fit.decision, columns)
@@ -133,9 +141,16 @@ def _fold_chain(name: str, shipped: TargetHead, cross_fit: CrossFitRows, trained
     if head.decision_weights is not None:
         weights = np.ones(len(classes))
         weights[columns] = head.decision_weights
-    fold_head = TargetHead(name=name, classes=classes, classifier=None, threshold=NEVER_ACCEPT,
-                           threshold_info=dict(head.threshold_info), n_train=head.n_train, conformal=head.conformal,
-                           decision_weights=weights)
+    fold_head = TargetHead(
+        name=name,
+        classes=classes,
+        classifier=None,
+        threshold=NEVER_ACCEPT,
+        threshold_info=dict(head.threshold_info),
+        n_train=head.n_train,
+        conformal=head.conformal,
+        decision_weights=weights,
+    )
     return fold_head, proba
 
 
@@ -168,8 +183,13 @@ class _Gathered:
 
     @classmethod
     def empty(cls, n: int, n_classes: int) -> _Gathered:
-        return cls(np.zeros((n, n_classes)), np.zeros(n, dtype=np.int64), np.zeros(n), np.zeros(n),
-                   np.zeros((n, n_classes), dtype=bool))
+        return cls(
+            np.zeros((n, n_classes)),
+            np.zeros(n, dtype=np.int64),
+            np.zeros(n),
+            np.zeros(n),
+            np.zeros((n, n_classes), dtype=bool),
+        )
 
     def put(self, rows: np.ndarray, pred: TargetPredictions, proba: np.ndarray, threshold: float) -> None:
         self.proba[rows] = proba
@@ -183,8 +203,16 @@ class _Gathered:
             self.plausible[rows] = plausible
 
     def predictions(self, shipped: TargetHead) -> TargetPredictions:
-        return TargetPredictions.gathered(shipped.classes, self.proba, self.index, self.confidence, self.thresholds,
-                                          self.plausible, shipped.threshold, shipped.conformal)
+        return TargetPredictions.gathered(
+            shipped.classes,
+            self.proba,
+            self.index,
+            self.confidence,
+            self.thresholds,
+            self.plausible,
+            shipped.threshold,
+            shipped.conformal,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- per-row outcomes
@@ -194,12 +222,14 @@ def row_keys(records: RecordSet) -> np.ndarray:
     """One key per record from what the model reads of it (its text, or its segmented text): the same text gets
     the same key, in whichever export it comes."""
     contents = records.contents()
-    return np.asarray([hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest() for text in contents],
-                      dtype=object)
+    return np.asarray(
+        [hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest() for text in contents], dtype=object
+    )
 
 
-def outcome_table(records: RecordSet, predictions: dict[str, TargetPredictions],
-                  uncalibrated: dict[str, TargetPredictions]) -> pa.Table:
+def outcome_table(
+    records: RecordSet, predictions: dict[str, TargetPredictions], uncalibrated: dict[str, TargetPredictions]
+) -> pa.Table:
     """Each record's outcome per target: label, confidence, review threshold, prediction set, and the label and
     confidence before calibration. No text and no ids: a row is known by its key."""
     columns: dict[str, pa.Array] = {KEY_COLUMN: pa.array(row_keys(records), pa.string())}
@@ -260,17 +290,36 @@ def read_outcomes(path: Path, model: TriageModel, records: RecordSet) -> Outcome
         # A report names one threshold: the one every row shared (a holdout's model), else the shipped model's.
         shared = thresholds[0] if len(thresholds) and (thresholds == thresholds[0]).all() else head.threshold
         predictions[name] = TargetPredictions.gathered(
-            classes, empty, np.maximum(index, 0), matched[f"{name}__confidence"].to_numpy(), thresholds, plausible,
-            float(shared), head.conformal)
+            classes,
+            empty,
+            np.maximum(index, 0),
+            matched[f"{name}__confidence"].to_numpy(),
+            thresholds,
+            plausible,
+            float(shared),
+            head.conformal,
+        )
         before = label_columns(classes, matched[f"{name}__before"].tolist())
         uncalibrated[name] = TargetPredictions.gathered(
-            classes, empty, np.maximum(before, 0), matched[f"{name}__before_confidence"].to_numpy(),
-            np.full(len(matched), head.threshold), None, head.threshold, None)
+            classes,
+            empty,
+            np.maximum(before, 0),
+            matched[f"{name}__before_confidence"].to_numpy(),
+            np.full(len(matched), head.threshold),
+            None,
+            head.threshold,
+            None,
+        )
     return Outcomes(found, predictions, uncalibrated)
 
 
-def combine(n: int, parts: list[tuple[np.ndarray, TargetPredictions]], classes: list[str], threshold: float,
-            conformal: ConformalSets | None) -> TargetPredictions:
+def combine(
+    n: int,
+    parts: list[tuple[np.ndarray, TargetPredictions]],
+    classes: list[str],
+    threshold: float,
+    conformal: ConformalSets | None,
+) -> TargetPredictions:
     """One target's predictions for ``n`` rows from parts that cover disjoint rows (``(positions, predictions)``);
     ``threshold`` and ``conformal`` are the shipped head's (None: no prediction sets)."""
     index, confidence, thresholds = np.zeros(n, dtype=np.int64), np.zeros(n), np.zeros(n)
@@ -282,5 +331,6 @@ def combine(n: int, parts: list[tuple[np.ndarray, TargetPredictions]], classes: 
         part_plausible = pred.plausible
         if plausible is not None and part_plausible is not None:
             plausible[positions] = part_plausible
-    return TargetPredictions.gathered(classes, np.zeros((n, 0)), index, confidence, thresholds, plausible, threshold,
-                                      conformal)
+    return TargetPredictions.gathered(
+        classes, np.zeros((n, 0)), index, confidence, thresholds, plausible, threshold, conformal
+    )

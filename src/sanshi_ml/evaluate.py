@@ -49,9 +49,15 @@ def reliability_table(confidence: np.ndarray, correct: np.ndarray, n_bins: int =
     rows = []
     for b in range(n_bins):
         in_bin = bins == b
-        rows.append({"bin_low": float(edges[b]), "bin_high": float(edges[b + 1]), "count": int(in_bin.sum()),
-                     "confidence": float(confidence[in_bin].mean()) if in_bin.any() else None,
-                     "accuracy": float(correct[in_bin].mean()) if in_bin.any() else None})
+        rows.append(
+            {
+                "bin_low": float(edges[b]),
+                "bin_high": float(edges[b + 1]),
+                "count": int(in_bin.sum()),
+                "confidence": float(confidence[in_bin].mean()) if in_bin.any() else None,
+                "accuracy": float(correct[in_bin].mean()) if in_bin.any() else None,
+            }
+        )
     return rows
 
 
@@ -62,8 +68,13 @@ def coverage_curve(confidence: np.ndarray, correct: np.ndarray, points: int = 21
     out = []
     for coverage in np.linspace(0.05, 1.0, points - 1):
         k = max(1, int(round(coverage * len(order))))
-        out.append({"coverage": float(k / len(order)), "accuracy": float(cum_acc[k - 1]),
-                    "threshold": float(confidence[order][k - 1])})
+        out.append(
+            {
+                "coverage": float(k / len(order)),
+                "accuracy": float(cum_acc[k - 1]),
+                "threshold": float(confidence[order][k - 1]),
+            }
+        )
     return out
 
 
@@ -102,10 +113,16 @@ def selective_metrics(confidence: np.ndarray, correct: np.ndarray) -> dict:
     for coverage in SELECTIVE_COVERAGES:
         k = max(1, int(np.ceil(coverage * n - 1e-9)))
         accuracy_at[str(coverage)] = float(1.0 - risk[k - 1])
-    coverage_at = {str(level): float(choose_threshold(confidence, correct, level)["holdout_coverage"])
-                   for level in SELECTIVE_ACCURACIES}
-    return {"aurc": float(risk.mean()), "aurc_optimal": float(optimal.mean()), "accuracy_at_coverage": accuracy_at,
-            "coverage_at_accuracy": coverage_at}
+    coverage_at = {
+        str(level): float(choose_threshold(confidence, correct, level)["holdout_coverage"])
+        for level in SELECTIVE_ACCURACIES
+    }
+    return {
+        "aurc": float(risk.mean()),
+        "aurc_optimal": float(optimal.mean()),
+        "accuracy_at_coverage": accuracy_at,
+        "coverage_at_accuracy": coverage_at,
+    }
 
 
 def conformal_metrics(y_true: np.ndarray, pred: TargetPredictions) -> dict | None:
@@ -124,14 +141,20 @@ def conformal_metrics(y_true: np.ndarray, pred: TargetPredictions) -> dict | Non
     covered[known] = plausible[np.flatnonzero(known), true_column[known]]
     size = plausible.sum(axis=1)
     single = size == 1
-    return {"level": pred.conformal.level, "coverage": float(covered.mean()), "mean_set_size": float(size.mean()),
-            "single_label_share": float(single.mean()), "empty_share": float((size == 0).mean()),
-            "accuracy_when_single": float(covered[single].mean()) if single.any() else None,
-            "n_calibration": pred.conformal.n_calibration}
+    return {
+        "level": pred.conformal.level,
+        "coverage": float(covered.mean()),
+        "mean_set_size": float(size.mean()),
+        "single_label_share": float(single.mean()),
+        "empty_share": float((size == 0).mean()),
+        "accuracy_when_single": float(covered[single].mean()) if single.any() else None,
+        "n_calibration": pred.conformal.n_calibration,
+    }
 
 
-def target_metrics(y_true: np.ndarray, pred: TargetPredictions, n_bins: int = 10,
-                   uncalibrated: TargetPredictions | None = None) -> dict:
+def target_metrics(
+    y_true: np.ndarray, pred: TargetPredictions, n_bins: int = 10, uncalibrated: TargetPredictions | None = None
+) -> dict:
     """Everything metrics.json holds for one target.
 
     ``uncalibrated``: the same rows' predictions before calibration (softmax of the LinearSVC's decision values),
@@ -142,15 +165,16 @@ def target_metrics(y_true: np.ndarray, pred: TargetPredictions, n_bins: int = 10
     correct = y_true == y_pred
     confidence = pred.confidence
     labels = sorted(set(y_true) | set(pred.classes))
-    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels,
-                                                                     zero_division=0)
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     accepted = ~pred.needs_review
     unseen = sorted(set(y_true) - set(pred.classes))
     before = {}
     if uncalibrated is not None:
         raw_correct = y_true == uncalibrated.labels.astype(str)
-        before = {"ece_uncalibrated": expected_calibration_error(uncalibrated.confidence, raw_correct, n_bins),
-                  "reliability_uncalibrated": reliability_table(uncalibrated.confidence, raw_correct, n_bins)}
+        before = {
+            "ece_uncalibrated": expected_calibration_error(uncalibrated.confidence, raw_correct, n_bins),
+            "reliability_uncalibrated": reliability_table(uncalibrated.confidence, raw_correct, n_bins),
+        }
     return {
         "n": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
@@ -161,8 +185,10 @@ def target_metrics(y_true: np.ndarray, pred: TargetPredictions, n_bins: int = 10
         "coverage_at_threshold": float(accepted.mean()),
         "accuracy_at_threshold": float(correct[accepted].mean()) if accepted.any() else None,
         "n_accepted": int(accepted.sum()),
-        "per_class": {label: {"precision": float(p), "recall": float(r), "f1": float(f),
-                              "support": int(s)} for label, p, r, f, s in zip(labels, precision, recall, f1, support)},
+        "per_class": {
+            label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for label, p, r, f, s in zip(labels, precision, recall, f1, support)
+        },
         "labels_unknown_to_model": unseen,
         "reliability": reliability_table(confidence, correct, n_bins),
         **before,
@@ -191,16 +217,24 @@ def slice_metrics(records: RecordSet, target: str, pred: TargetPredictions) -> d
     for name, mask in slices.items():
         if mask.sum() == 0:
             continue
-        out[name] = {"n": int(mask.sum()), "accuracy": float((y_true[mask] == y_pred[mask]).mean()),
-                     "macro_f1": float(f1_score(y_true[mask], y_pred[mask], labels=sorted(set(y_true[mask])),
-                                                average="macro", zero_division=0))}
+        out[name] = {
+            "n": int(mask.sum()),
+            "accuracy": float((y_true[mask] == y_pred[mask]).mean()),
+            "macro_f1": float(
+                f1_score(y_true[mask], y_pred[mask], labels=sorted(set(y_true[mask])), average="macro", zero_division=0)
+            ),
+        }
     return out
 
 
-def evaluate_model(model: TriageModel, records: RecordSet, n_bins: int = 10,
-                   predictions: dict[str, TargetPredictions] | None = None,
-                   features: sp.csr_matrix | None = None,
-                   uncalibrated: dict[str, TargetPredictions] | None = None) -> dict:
+def evaluate_model(
+    model: TriageModel,
+    records: RecordSet,
+    n_bins: int = 10,
+    predictions: dict[str, TargetPredictions] | None = None,
+    features: sp.csr_matrix | None = None,
+    uncalibrated: dict[str, TargetPredictions] | None = None,
+) -> dict:
     """Metrics for every target the model and the records share, on the rows that carry that label.
 
     ``predictions`` and ``uncalibrated`` (the predictions before calibration) may come from elsewhere, such as the
@@ -213,8 +247,10 @@ def evaluate_model(model: TriageModel, records: RecordSet, n_bins: int = 10,
         if predictions is None:
             predictions = model.predict_features(features)
         if uncalibrated is None:
-            uncalibrated = {name: TargetPredictions(model.heads[name].classes, proba, model.heads[name].threshold)
-                            for name, proba in model.uncalibrated_proba(features).items()}
+            uncalibrated = {
+                name: TargetPredictions(model.heads[name].classes, proba, model.heads[name].threshold)
+                for name, proba in model.uncalibrated_proba(features).items()
+            }
     out = {}
     for target in model.targets:
         if target not in records.frame:
@@ -243,19 +279,27 @@ def summary_lines(metrics: dict) -> list[str]:
     lines = []
     for target, m in metrics.items():
         at = m["accuracy_at_threshold"]
-        lines.append(f"{target:>10}: accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}  ECE {m['ece']:.3f}  "
-                     f"| auto-accepted {m['coverage_at_threshold']:.0%} at {at if at is None else round(at, 3)} "
-                     f"accuracy (threshold {m['threshold']:.2f})  n={m['n']}")
+        lines.append(
+            f"{target:>10}: accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}  ECE {m['ece']:.3f}  "
+            f"| auto-accepted {m['coverage_at_threshold']:.0%} at {at if at is None else round(at, 3)} "
+            f"accuracy (threshold {m['threshold']:.2f})  n={m['n']}"
+        )
         if "aurc" not in m:
             continue
         acc_at, cov_at = m.get("accuracy_at_coverage", {}), m.get("coverage_at_accuracy", {})
-        line = (f"{'':>10}  ECE before calibration {_fmt(m.get('ece_uncalibrated'))}  AURC {_fmt(m['aurc'], '.4f')}"
-                "  | accuracy at coverage " + " ".join(f"{float(c):.0%}: {_fmt(v)}" for c, v in acc_at.items())
-                + "  | coverage at accuracy " + " ".join(f"{float(a):.0%}: {_fmt(v, '.1%')}" for a, v in cov_at.items()))
+        line = (
+            f"{'':>10}  ECE before calibration {_fmt(m.get('ece_uncalibrated'))}  AURC {_fmt(m['aurc'], '.4f')}"
+            "  | accuracy at coverage "
+            + " ".join(f"{float(c):.0%}: {_fmt(v)}" for c, v in acc_at.items())
+            + "  | coverage at accuracy "
+            + " ".join(f"{float(a):.0%}: {_fmt(v, '.1%')}" for a, v in cov_at.items())
+        )
         conformal = m.get("conformal")
         if conformal:
-            line += (f"  | {conformal['level']:.0%} sets: coverage {conformal['coverage']:.3f}, mean size "
-                     f"{conformal['mean_set_size']:.2f}, single-label {conformal['single_label_share']:.1%}")
+            line += (
+                f"  | {conformal['level']:.0%} sets: coverage {conformal['coverage']:.3f}, mean size "
+                f"{conformal['mean_set_size']:.2f}, single-label {conformal['single_label_share']:.1%}"
+            )
         lines.append(line)
     return lines
 
@@ -263,9 +307,15 @@ def summary_lines(metrics: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- cross-validation
 
 
-def cross_validate(records: RecordSet, make_model: Callable[[], TriageModel], k: int, seed: int = 42,
-                   stratify_target: str | None = None, n_bins: int = 10,
-                   progress: Callable[[str], None] | None = None) -> dict:
+def cross_validate(
+    records: RecordSet,
+    make_model: Callable[[], TriageModel],
+    k: int,
+    seed: int = 42,
+    stratify_target: str | None = None,
+    n_bins: int = 10,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
     """K-fold results (duplicates kept together): each headline metric's per-fold values, mean and spread."""
     say = progress or log.info
     folds = fold_indices(records, k, seed, stratify_target)
@@ -280,9 +330,11 @@ def cross_validate(records: RecordSet, make_model: Callable[[], TriageModel], k:
         out["targets"][target] = {}
         for key in HEADLINE_KEYS:
             values = np.array([fold[target][key] for fold in per_fold if fold[target][key] is not None], float)
-            out["targets"][target][key] = {"mean": float(values.mean()) if len(values) else None,
-                                           "std": float(values.std(ddof=1)) if len(values) > 1 else None,
-                                           "folds": values.tolist()}
+            out["targets"][target][key] = {
+                "mean": float(values.mean()) if len(values) else None,
+                "std": float(values.std(ddof=1)) if len(values) > 1 else None,
+                "folds": values.tolist(),
+            }
     return out
 
 
@@ -304,8 +356,15 @@ def plot_confusion(y_true: np.ndarray, pred: TargetPredictions, title: str, path
         for i in range(len(labels)):
             for j in range(len(labels)):
                 if matrix[i, j]:
-                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if normalised[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        str(matrix[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if normalised[i, j] > 0.5 else "black",
+                    )
     ax.set_xlabel("预测 (predicted)")
     ax.set_ylabel("实际 (true)")
     ax.set_title(f"{title}: 混淆矩阵 (row-normalised)")
@@ -323,15 +382,29 @@ def plot_reliability(metrics: dict, title: str, path: Path) -> None:
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
     curves = [("reliability", f"calibrated (ECE {metrics['ece']:.3f})", "tab:blue", "o")]
     if metrics.get("reliability_uncalibrated"):
-        curves.insert(0, ("reliability_uncalibrated", f"uncalibrated softmax (ECE {metrics['ece_uncalibrated']:.3f})",
-                          "tab:orange", "s"))
+        curves.insert(
+            0,
+            (
+                "reliability_uncalibrated",
+                f"uncalibrated softmax (ECE {metrics['ece_uncalibrated']:.3f})",
+                "tab:orange",
+                "s",
+            ),
+        )
     for key, label, colour, marker in curves:
         rows = [r for r in metrics[key] if r["count"]]
-        ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], marker=marker, color=colour,
-                label=label)
+        ax.plot(
+            [r["confidence"] for r in rows], [r["accuracy"] for r in rows], marker=marker, color=colour, label=label
+        )
         for r in rows:
-            ax.annotate(str(r["count"]), (r["confidence"], r["accuracy"]), fontsize=7, textcoords="offset points",
-                        xytext=(3, -9), color=colour)
+            ax.annotate(
+                str(r["count"]),
+                (r["confidence"], r["accuracy"]),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(3, -9),
+                color=colour,
+            )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("置信度 (confidence)")
@@ -349,8 +422,13 @@ def plot_coverage(metrics: dict, title: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ax.plot([p["coverage"] for p in curve], [p["accuracy"] for p in curve], marker=".", label="most confident first")
     if metrics["accuracy_at_threshold"] is not None:
-        ax.scatter([metrics["coverage_at_threshold"]], [metrics["accuracy_at_threshold"]], color="red", zorder=3,
-                   label=f"review threshold {metrics['threshold']:.2f}")
+        ax.scatter(
+            [metrics["coverage_at_threshold"]],
+            [metrics["accuracy_at_threshold"]],
+            color="red",
+            zorder=3,
+            label=f"review threshold {metrics['threshold']:.2f}",
+        )
     ax.set_xlabel("自动接受比例 (coverage)")
     ax.set_ylabel("准确率 (accuracy)")
     ax.set_xlim(0, 1.02)
@@ -363,8 +441,13 @@ def plot_coverage(metrics: dict, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(metrics: dict, records: RecordSet, predictions: dict[str, TargetPredictions], out_dir: str | Path,
-                 extra: dict | None = None) -> Path:
+def write_report(
+    metrics: dict,
+    records: RecordSet,
+    predictions: dict[str, TargetPredictions],
+    out_dir: str | Path,
+    extra: dict | None = None,
+) -> Path:
     """Write ``metrics.json`` and, per target, the confusion matrix, reliability diagram and coverage curve."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ def word_ngrams(tokens: Sequence[str], n_max: int = 2) -> list[str]:
     """Unigrams to ``n_max``-grams of a token list; n-gram parts are joined by a space."""
     grams = list(tokens)
     for n in range(2, n_max + 1):
-        grams.extend(" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+        grams.extend(" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
     return grams
 
 
@@ -38,14 +38,19 @@ def char_ngrams(tokens: Sequence[str], n_max: int = 2) -> list[str]:
     for token in tokens:
         grams.extend(token)
         for n in range(2, min(n_max, len(token)) + 1):
-            grams.extend(token[i:i + n] for i in range(len(token) - n + 1))
+            grams.extend(token[i : i + n] for i in range(len(token) - n + 1))
     return grams
 
 
 def build_vectorizer(cfg: FeaturesConfig) -> FeatureUnion:
     """An unfitted feature union for token lists: ``word`` n-grams and, if enabled, ``char`` n-grams."""
-    common = {"sublinear_tf": cfg.sublinear_tf, "min_df": cfg.min_df, "max_features": cfg.max_features,
-              "lowercase": False, "dtype": np.float32}
+    common = {
+        "sublinear_tf": cfg.sublinear_tf,
+        "min_df": cfg.min_df,
+        "max_features": cfg.max_features,
+        "lowercase": False,
+        "dtype": np.float32,
+    }
     parts = [("word", TfidfVectorizer(analyzer=partial(word_ngrams, n_max=cfg.word_ngram_max), **common))]
     if cfg.char_ngram_max > 0:
         parts.append(("char", TfidfVectorizer(analyzer=partial(char_ngrams, n_max=cfg.char_ngram_max), **common)))
@@ -78,8 +83,9 @@ class FastTfidf:
 
     TOKEN_TABLE_LIMIT = 300_000  # distinct tokens remembered between batches; the table restarts beyond this
 
-    def __init__(self, parts: list[tuple[str, int, TfidfVectorizer]], dtype,
-                 keep: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self, parts: list[tuple[str, int, TfidfVectorizer]], dtype, keep: Callable[[str], bool] | None = None
+    ) -> None:
         self._parts = parts
         self.dtype = dtype
         self._keep = keep
@@ -146,7 +152,7 @@ class FastTfidf:
         starts = np.cumsum(lengths) - lengths
         n_tokens = max(len(tokens), 1)
         longest = int(lengths.max())
-        if longest > n_max or n_tokens ** longest >= 2 ** 62:
+        if longest > n_max or n_tokens**longest >= 2**62:
             return None  # tokens with spaces in the vocabulary, or keys too large for int64: use sklearn's path
         unigram = np.full(n_tokens, -1, dtype=np.int64)
         grams = {}
@@ -187,18 +193,21 @@ class FastTfidf:
                 setattr(self, name, grown)
         self._table.update(zip(tokens, range(start, needed)))
         word_tokens = self._word["tokens"] if self._word else {}
-        self._word_id[start:needed] = np.fromiter(map(word_tokens.get, tokens, repeat(-1)), dtype=np.int64,
-                                                  count=len(tokens))
+        self._word_id[start:needed] = np.fromiter(
+            map(word_tokens.get, tokens, repeat(-1)), dtype=np.int64, count=len(tokens)
+        )
         keep = self._keep
-        self._flags[start:needed] = [(_DROPPED if keep is not None and not keep(token) else 0) | (
-            _SPACED if " " in token else 0) for token in tokens]
+        self._flags[start:needed] = [
+            (_DROPPED if keep is not None and not keep(token) else 0) | (_SPACED if " " in token else 0)
+            for token in tokens
+        ]
         counts, columns = self._char_columns(tokens)
         end = self._char_used + len(columns)
         if end > len(self._char_cols):
             grown = np.empty(max(end, 2 * len(self._char_cols)), dtype=np.int64)
-            grown[:self._char_used] = self._char_cols[:self._char_used]
+            grown[: self._char_used] = self._char_cols[: self._char_used]
             self._char_cols = grown
-        self._char_cols[self._char_used:end] = columns
+        self._char_cols[self._char_used : end] = columns
         self._char_len[start:needed] = counts
         self._char_start[start:needed] = self._char_used + np.cumsum(counts) - counts
         self._char_used = end
@@ -240,14 +249,16 @@ class FastTfidf:
         flat = list(chain.from_iterable(docs))
         return self.transform_flat(flat, np.repeat(np.arange(n_docs, dtype=np.int64), lengths), n_docs, raw)
 
-    def transform_flat(self, flat: list[str], doc_of: np.ndarray, n_docs: int, raw: bool = False
-                       ) -> sp.csr_matrix | None:
+    def transform_flat(
+        self, flat: list[str], doc_of: np.ndarray, n_docs: int, raw: bool = False
+    ) -> sp.csr_matrix | None:
         """The TF-IDF matrix of tokens ``flat``, token i belonging to text ``doc_of[i]`` (non-decreasing), or None
         as for :meth:`transform`."""
         return self.transform_codes(TokenCodes.of(flat), doc_of, n_docs, raw)
 
-    def transform_codes(self, tokens: TokenCodes, doc_of: np.ndarray, n_docs: int, raw: bool = False
-                        ) -> sp.csr_matrix | None:
+    def transform_codes(
+        self, tokens: TokenCodes, doc_of: np.ndarray, n_docs: int, raw: bool = False
+    ) -> sp.csr_matrix | None:
         """:meth:`transform_flat` of tokens already encoded."""
         if raw and self._keep is None:
             raise ValueError("raw tokens need the segmenter's keep test (FastTfidf.from_union(..., keep=...))")
@@ -284,11 +295,11 @@ class FastTfidf:
             span = len(word_id) - length + 1
             if span <= 0:
                 continue
-            valid = doc_of[:span] == doc_of[length - 1:]
+            valid = doc_of[:span] == doc_of[length - 1 :]
             key = np.zeros(span, dtype=np.int64)
             for position in range(length):
-                valid &= known[position:position + span]
-                key = key * n_tokens + word_id[position:position + span]
+                valid &= known[position : position + span]
+                key = key * n_tokens + word_id[position : position + span]
             where = np.flatnonzero(valid)
             found = keys.get_indexer(key[where])
             match = found >= 0
@@ -398,9 +409,10 @@ def _count_matrix(rows: np.ndarray, cols: np.ndarray, n_rows: int, n_cols: int, 
         counts = np.empty(0, dtype=dtype)
     row = key // n_cols
     indptr = np.searchsorted(row, np.arange(n_rows + 1), side="left")
-    index_dtype = np.int32 if max(len(key), n_cols) < 2 ** 31 else np.int64
-    return sp.csr_matrix(((counts), (key - row * n_cols).astype(index_dtype), indptr.astype(index_dtype)),
-                         shape=(n_rows, n_cols))
+    index_dtype = np.int32 if max(len(key), n_cols) < 2**31 else np.int64
+    return sp.csr_matrix(
+        ((counts), (key - row * n_cols).astype(index_dtype), indptr.astype(index_dtype)), shape=(n_rows, n_cols)
+    )
 
 
 def _tfidf_weight(counts: sp.csr_matrix, vectorizer: TfidfVectorizer) -> sp.csr_matrix:

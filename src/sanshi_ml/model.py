@@ -71,13 +71,29 @@ class TargetPredictions:
     row_thresholds: np.ndarray | None = None
 
     @classmethod
-    def gathered(cls, classes: list[str], proba: np.ndarray, index: np.ndarray, confidence: np.ndarray,
-                 thresholds: np.ndarray, plausible: np.ndarray | None, threshold: float,
-                 conformal: ConformalSets | None) -> TargetPredictions:
+    def gathered(
+        cls,
+        classes: list[str],
+        proba: np.ndarray,
+        index: np.ndarray,
+        confidence: np.ndarray,
+        thresholds: np.ndarray,
+        plausible: np.ndarray | None,
+        threshold: float,
+        conformal: ConformalSets | None,
+    ) -> TargetPredictions:
         """Predictions whose rows were made by different fitted chains, each row's outcome given as it was made;
         ``threshold`` and ``conformal`` describe the shipped head (what a report names)."""
-        return cls(classes, proba, threshold, conformal, chosen=np.asarray(index), row_confidence=confidence,
-                   row_plausible=plausible, row_thresholds=thresholds)
+        return cls(
+            classes,
+            proba,
+            threshold,
+            conformal,
+            chosen=np.asarray(index),
+            row_confidence=confidence,
+            row_plausible=plausible,
+            row_thresholds=thresholds,
+        )
 
     @property
     def scores(self) -> np.ndarray:
@@ -139,12 +155,22 @@ class TargetPredictions:
 
     def rows(self, index: np.ndarray) -> TargetPredictions:
         """The predictions of some rows (a boolean mask or positions)."""
+
         def part(values: np.ndarray | None) -> np.ndarray | None:
             return None if values is None else values[index]
 
-        return TargetPredictions(self.classes, self.proba[index], self.threshold, self.conformal, part(self.chosen),
-                                 self.weights, self.confidence_map, part(self.row_confidence),
-                                 part(self.row_plausible), part(self.row_thresholds))
+        return TargetPredictions(
+            self.classes,
+            self.proba[index],
+            self.threshold,
+            self.conformal,
+            part(self.chosen),
+            self.weights,
+            self.confidence_map,
+            part(self.row_confidence),
+            part(self.row_plausible),
+            part(self.row_thresholds),
+        )
 
 
 @dataclass
@@ -254,8 +280,9 @@ class StackedHeads:
     def _platt(self) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per head, read once: each decision column's output column and its Platt a_ and b_."""
         if "_platt_cache" not in self.__dict__:
-            self._platt_cache = {name: _platt_parameters(calibrated)
-                                 for name, (_start, _end, calibrated) in self.blocks.items()}
+            self._platt_cache = {
+                name: _platt_parameters(calibrated) for name, (_start, _end, calibrated) in self.blocks.items()
+            }
         return self._platt_cache
 
 
@@ -271,8 +298,7 @@ def _platt_parameters(calibrated) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return positive, a, b
 
 
-def _sigmoid_proba(calibrated, predictions: np.ndarray,
-                   platt: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+def _sigmoid_proba(calibrated, predictions: np.ndarray, platt: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
     """sklearn's _CalibratedClassifier.predict_proba (sigmoid method) from given decision values.
 
     ``_SigmoidCalibration.predict`` is ``expit(-(a_ * T + b_))`` per class; applying it to every column at once
@@ -283,7 +309,7 @@ def _sigmoid_proba(calibrated, predictions: np.ndarray,
     n_classes = calibrated.classes.shape[0]
     positive, a, b = platt
     proba = np.zeros((predictions.shape[0], n_classes))
-    proba[:, positive] = expit(-(a * predictions[:, :len(a)] + b))
+    proba[:, positive] = expit(-(a * predictions[:, : len(a)] + b))
     if n_classes == 2:
         proba[:, 0] = 1.0 - proba[:, 1]
     else:
@@ -314,8 +340,9 @@ class _PackedStrings:
         joined = cls.SEPARATOR.join(strings)
         if joined.count(cls.SEPARATOR) != max(len(strings) - 1, 0):
             return strings
-        values = np.fromiter(strings.values(), dtype=np.int64, count=len(strings)) if isinstance(
-            strings, dict) else None
+        values = (
+            np.fromiter(strings.values(), dtype=np.int64, count=len(strings)) if isinstance(strings, dict) else None
+        )
         return cls(joined, len(strings), values)
 
     @staticmethod
@@ -356,11 +383,12 @@ def prior_weights(classes: Sequence[str], y: np.ndarray, tau: float) -> np.ndarr
     labels, counts = np.unique(np.asarray(y, dtype=str), return_counts=True)
     share = dict(zip(labels.tolist(), (counts / counts.sum()).tolist()))
     prior = np.array([share.get(str(c), 1.0 / max(len(y), 1)) for c in classes])
-    return prior ** -tau
+    return prior**-tau
 
 
-def choose_prior_correction(proba: np.ndarray, classes: Sequence[str], y_fit: np.ndarray, y_hold: np.ndarray,
-                            strengths: Sequence[float]) -> tuple[float, float]:
+def choose_prior_correction(
+    proba: np.ndarray, classes: Sequence[str], y_fit: np.ndarray, y_hold: np.ndarray, strengths: Sequence[float]
+) -> tuple[float, float]:
     """The strength tau whose prior correction gives the best macro-F1 on held-out rows (ties: the weakest).
 
     Balanced class weights still leave rare classes under-predicted when their rows look like the common class
@@ -386,8 +414,14 @@ def _base_classifier(cfg: TrainConfig, n_rows: int) -> LinearClassifierMixin:
         return LogisticRegression(C=cfg.C, class_weight=cfg.class_weight, max_iter=2000, random_state=0)
     if cfg.classifier == "sgd_modified_huber":
         # alpha plays the part of 1 / (C * n) in the SVM objective, so one C means about the same regularisation.
-        return SGDClassifier(loss="modified_huber", alpha=1.0 / (cfg.C * max(n_rows, 1)),
-                             class_weight=cfg.class_weight, max_iter=50, tol=1e-4, random_state=0)
+        return SGDClassifier(
+            loss="modified_huber",
+            alpha=1.0 / (cfg.C * max(n_rows, 1)),
+            class_weight=cfg.class_weight,
+            max_iter=50,
+            tol=1e-4,
+            random_state=0,
+        )
     # A fixed random_state makes training reproducible bit for bit (liblinear shuffles its coordinates).
     return LinearSVC(C=cfg.C, class_weight=cfg.class_weight, random_state=0)
 
@@ -444,13 +478,21 @@ def calibrated_head(name: str, decision: np.ndarray, y: np.ndarray, cfg: TrainCo
     true_column = label_columns(classes, y)
     temperature = fit_temperature(proba, true_column) if cfg.recalibrate == "temperature" else 1.0
     proba = apply_temperature(proba, temperature)
-    tau, oof_f1 = choose_prior_correction(proba, classes, y, y,
-                                          cfg.prior_correction_by_target.get(name, cfg.prior_correction))
+    tau, oof_f1 = choose_prior_correction(
+        proba, classes, y, y, cfg.prior_correction_by_target.get(name, cfg.prior_correction)
+    )
     conformal = ConformalSets.fit(proba[np.arange(len(y)), true_column], cfg.conformal_level)
-    head = TargetHead(name=name, classes=[str(c) for c in classes], classifier=calibrators, threshold=NEVER_ACCEPT,
-                      threshold_info={"prior_correction_tau": tau, "holdout_macro_f1": oof_f1}, n_train=int(len(y)),
-                      conformal=conformal, temperature=temperature,
-                      decision_weights=prior_weights(classes, y, tau) if tau else None)
+    head = TargetHead(
+        name=name,
+        classes=[str(c) for c in classes],
+        classifier=calibrators,
+        threshold=NEVER_ACCEPT,
+        threshold_info={"prior_correction_tau": tau, "holdout_macro_f1": oof_f1},
+        n_train=int(len(y)),
+        conformal=conformal,
+        temperature=temperature,
+        decision_weights=prior_weights(classes, y, tau) if tau else None,
+    )
     return head, proba
 
 
@@ -466,20 +508,34 @@ def link_targets(heads: dict[str, TargetHead], frame, pairs: Sequence[tuple[str,
     return links
 
 
-def decode(heads: dict[str, TargetHead], links: Sequence[LinkedTargets],
-           probas: dict[str, np.ndarray]) -> dict[str, TargetPredictions]:
+def decode(
+    heads: dict[str, TargetHead], links: Sequence[LinkedTargets], probas: dict[str, np.ndarray]
+) -> dict[str, TargetPredictions]:
     """Each head's predictions from its (recalibrated) probabilities, linked targets decoded jointly."""
-    predictions = {name: TargetPredictions(head.classes, probas[name], head.threshold, head.conformal,
-                                           weights=head.decision_weights, confidence_map=head.confidence_map)
-                   for name, head in heads.items()}
+    predictions = {
+        name: TargetPredictions(
+            head.classes,
+            probas[name],
+            head.threshold,
+            head.conformal,
+            weights=head.decision_weights,
+            confidence_map=head.confidence_map,
+        )
+        for name, head in heads.items()
+    }
     for link in links:
         first, second = predictions[link.first], predictions[link.second]
         first.chosen, second.chosen = link.decode(first.scores, second.scores)
     return predictions
 
 
-def fit_review(heads: dict[str, TargetHead], links: Sequence[LinkedTargets], probas: dict[str, np.ndarray],
-               rows: dict[str, CrossFitRows], cfg: TrainConfig) -> None:
+def fit_review(
+    heads: dict[str, TargetHead],
+    links: Sequence[LinkedTargets],
+    probas: dict[str, np.ndarray],
+    rows: dict[str, CrossFitRows],
+    cfg: TrainConfig,
+) -> None:
     """Each head's top-label calibration and review threshold, fitted on the rows it trained on (``rows[name]``),
     from their out-of-fold probabilities (``probas``, one row per record) decoded the way prediction decodes them
     (prior correction, joint decoding of linked targets)."""
@@ -512,8 +568,9 @@ def _spread(proba: np.ndarray, rows: np.ndarray) -> np.ndarray:
 class TriageModel:
     """Normalise → segment → TF-IDF → one calibrated linear classifier per target."""
 
-    def __init__(self, text: TextConfig | None = None, features: FeaturesConfig | None = None,
-                 train: TrainConfig | None = None) -> None:
+    def __init__(
+        self, text: TextConfig | None = None, features: FeaturesConfig | None = None, train: TrainConfig | None = None
+    ) -> None:
         self.text_config = text or TextConfig()
         self.features_config = features or FeaturesConfig()
         self.train_config = train or TrainConfig()
@@ -643,9 +700,10 @@ class TriageModel:
         else:
             raw = Segmenter.split_joined(joined[0], joined[2])
         keep = self.segmenter.filter
-        titles = [keep(tokens[:tokens.index(TITLE_MARK)]) if TITLE_MARK in tokens else [] for tokens in raw]
-        return self._stack_title_block(self.vectorizer.transform([keep(tokens) for tokens in raw]),
-                                       self.title_vectorizer.transform(titles))
+        titles = [keep(tokens[: tokens.index(TITLE_MARK)]) if TITLE_MARK in tokens else [] for tokens in raw]
+        return self._stack_title_block(
+            self.vectorizer.transform([keep(tokens) for tokens in raw]), self.title_vectorizer.transform(titles)
+        )
 
     def _stack_title_block(self, X: sp.csr_matrix, X_title: sp.csr_matrix) -> sp.csr_matrix:
         X_title = X_title.tocsr()
@@ -688,30 +746,36 @@ class TriageModel:
         names = np.asarray(feature_names(self.vectorizer), dtype=object)
         is_word = np.char.startswith(names.astype(str), "word__")
         self.n_word_features = int(is_word.sum())  # FeatureUnion puts the word block first
-        self.word_names = np.asarray([n[len("word__"):] for n in names[:self.n_word_features]], dtype=object)
+        self.word_names = np.asarray([n[len("word__") :] for n in names[: self.n_word_features]], dtype=object)
         X = self._fit_title_block(records, X)
-        say(f"{X.shape[1]} features ({self.n_word_features} word n-grams"
-            f"{', a title block' if self.title_vectorizer is not None else ''})")
+        say(
+            f"{X.shape[1]} features ({self.n_word_features} word n-grams"
+            f"{', a title block' if self.title_vectorizer is not None else ''})"
+        )
         if records.segmented:
             # At prediction time raw text is cut by jieba; words the pre-segmented data never had (its stop words
             # among them) are dropped so word n-grams form across the same neighbours as in training.
             vocabulary = {token for row in tokens for token in row}
-            self.segmenter = Segmenter(self.text_config.backend, self.text_config.user_dict,
-                                       self.text_config.stopwords, keep_only=vocabulary)
+            self.segmenter = Segmenter(
+                self.text_config.backend, self.text_config.user_dict, self.text_config.stopwords, keep_only=vocabulary
+            )
         groups = records.frame["group"].to_numpy()
         cross_fit, probas = {}, {}
         for target in records.targets:
             t0 = time.perf_counter()
             self.heads[target], cross_fit[target], proba = self._fit_target(
-                target, X, records.labels(target), records.has_label(target), groups)
+                target, X, records.labels(target), records.has_label(target), groups
+            )
             probas[target] = _spread(proba, cross_fit[target].trained)
             say(f"target {target}: {len(self.heads[target].classes)} labels, {time.perf_counter() - t0:.1f}s")
         self.links = link_targets(self.heads, records.frame, self.train_config.linked_targets)
         fit_review(self.heads, self.links, probas, cross_fit, self.train_config)
         self.cross_fit_ = cross_fit
         for name, head in self.heads.items():
-            say(f"target {name}: review threshold {head.threshold:.3f} (out-of-fold coverage "
-                f"{head.threshold_info.get('holdout_coverage', 0):.0%})")
+            say(
+                f"target {name}: review threshold {head.threshold:.3f} (out-of-fold coverage "
+                f"{head.threshold_info.get('holdout_coverage', 0):.0%})"
+            )
         self._weights = {}
         self.__dict__.pop("_stacked", None)
         return self
@@ -727,8 +791,9 @@ class TriageModel:
         self.title_vectorizer = build_vectorizer(self.features_config)
         return self._stack_title_block(X, self.title_vectorizer.fit_transform(title_tokens))
 
-    def _fit_target(self, target: str, X: sp.csr_matrix, labels: np.ndarray, has_label: np.ndarray,
-                    groups: np.ndarray) -> tuple[TargetHead, CrossFitRows, np.ndarray]:
+    def _fit_target(
+        self, target: str, X: sp.csr_matrix, labels: np.ndarray, has_label: np.ndarray, groups: np.ndarray
+    ) -> tuple[TargetHead, CrossFitRows, np.ndarray]:
         """One target's head, what cross-fitting saw of it, and its training rows' out-of-fold probabilities; the
         review threshold is chosen later, by :func:`fit_review`, once the targets can be decoded jointly."""
         cfg = self.train_config
@@ -736,14 +801,20 @@ class TriageModel:
         values, counts = np.unique(y, return_counts=True)
         too_rare = {str(v): int(c) for v, c in zip(values, counts) if c < cfg.min_label_rows}
         if too_rare:
-            log.warning("target %s: labels with fewer than %d rows cannot be learned and calibrated and are left "
-                        "out: %s", target, cfg.min_label_rows, too_rare)
+            log.warning(
+                "target %s: labels with fewer than %d rows cannot be learned and calibrated and are left out: %s",
+                target,
+                cfg.min_label_rows,
+                too_rare,
+            )
         keep = has_label.copy()
         keep[has_label] = ~np.isin(y, list(too_rare))
         y = labels[keep].astype(str)
         if len(np.unique(y)) < 2:
-            raise ModelError(f"target '{target}' needs at least two labels with {cfg.min_label_rows}+ rows each; "
-                             f"got {dict(zip(values.tolist(), counts.tolist()))}")
+            raise ModelError(
+                f"target '{target}' needs at least two labels with {cfg.min_label_rows}+ rows each; "
+                f"got {dict(zip(values.tolist(), counts.tolist()))}"
+            )
         X_t = X[keep]
         folds = _cross_fit_folds(groups[keep], y, cfg.calibration_cv)
         n_fold_rows = float(np.mean([len(train) for train, _ in folds]))
@@ -776,8 +847,9 @@ class TriageModel:
             probas = stacked.predict_proba(X)
         else:
             probas = {name: head.classifier.predict_proba(X) for name, head in self.heads.items()}
-        return decode(self.heads, self.links,
-                      {name: head.recalibrated(probas[name]) for name, head in self.heads.items()})
+        return decode(
+            self.heads, self.links, {name: head.recalibrated(probas[name]) for name, head in self.heads.items()}
+        )
 
     def uncalibrated_proba(self, X: sp.csr_matrix) -> dict[str, np.ndarray]:
         """Per target, the probabilities before calibration (see :meth:`TargetHead.uncalibrated_proba`)."""
@@ -803,14 +875,15 @@ class TriageModel:
         X = self.transform(texts)
         return self.predict_features(X), X
 
-    def reason_terms(self, X: sp.csr_matrix, target: str, class_index: np.ndarray, k: int | None = None
-                     ) -> list[list[str]]:
+    def reason_terms(
+        self, X: sp.csr_matrix, target: str, class_index: np.ndarray, k: int | None = None
+    ) -> list[list[str]]:
         """For each row, the ``k`` words or word pairs that pushed most towards the chosen label."""
         k = self.train_config.reason_terms if k is None else k
         if k == 0:
             return [[] for _ in range(X.shape[0])]
         if target not in self._weights:
-            self._weights[target] = self.heads[target].linear_weights()[:, :self.n_word_features]
+            self._weights[target] = self.heads[target].linear_weights()[:, : self.n_word_features]
         weights = self._weights[target]
         X = X.tocsr()
         out = []
@@ -829,10 +902,16 @@ class TriageModel:
 
     def describe(self) -> dict:
         """Targets, labels and thresholds, for metadata and the model-info endpoint."""
-        return {name: {"labels": head.classes, "threshold": head.threshold, "threshold_info": head.threshold_info,
-                       "excluded_labels": head.excluded_labels, "n_train": head.n_train,
-                       "conformal": head.conformal.describe() if head.conformal is not None else None,
-                       "temperature": head.temperature,
-                       "confidence_map": head.confidence_map.describe() if head.confidence_map is not None else None}
-                for name, head in self.heads.items()}
-
+        return {
+            name: {
+                "labels": head.classes,
+                "threshold": head.threshold,
+                "threshold_info": head.threshold_info,
+                "excluded_labels": head.excluded_labels,
+                "n_train": head.n_train,
+                "conformal": head.conformal.describe() if head.conformal is not None else None,
+                "temperature": head.temperature,
+                "confidence_map": head.confidence_map.describe() if head.confidence_map is not None else None,
+            }
+            for name, head in self.heads.items()
+        }

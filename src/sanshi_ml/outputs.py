@@ -90,8 +90,10 @@ def output_lock(out: str | Path, command: str = "sanshi-ml score") -> Iterator[P
         lock.acquire()
     except Timeout:
         holder = _holder(path)
-        raise OutputError(f"{out}: another {command} run{holder} is writing this output (it holds {path}); wait "
-                          "for it to finish, or stop it, then run again (with --resume to finish its work)") from None
+        raise OutputError(
+            f"{out}: another {command} run{holder} is writing this output (it holds {path}); wait "
+            "for it to finish, or stop it, then run again (with --resume to finish its work)"
+        ) from None
     except OSError as error:
         raise OutputError(f"{path}: cannot create the lock of {out}: {_reason(error)}") from None
     try:

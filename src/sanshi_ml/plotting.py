@@ -20,14 +20,31 @@ from functools import lru_cache
 
 log = logging.getLogger(__name__)
 
-CJK_FONT_NAMES = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei",
-                  "WenQuanYi Micro Hei", "Noto Sans CJK JP", "Noto Serif CJK SC", "AR PL UMing CN", "SimHei")
+CJK_FONT_NAMES = (
+    "Noto Sans CJK SC",
+    "Noto Sans SC",
+    "Source Han Sans SC",
+    "WenQuanYi Zen Hei",
+    "WenQuanYi Micro Hei",
+    "Noto Sans CJK JP",
+    "Noto Serif CJK SC",
+    "AR PL UMing CN",
+    "SimHei",
+)
 
 # How the files of those families start, lower-cased without separators: NotoSansCJK-Regular.ttc (Debian
 # fonts-noto-cjk), NotoSansSC-Regular.otf, SourceHanSansSC-Regular.otf, wqy-zenhei.ttc, wqy-microhei.ttc,
 # uming.ttc (fonts-arphic-uming), simhei.ttf (Windows).
-CJK_FONT_FILES = ("notosanscjk", "notoserifcjk", "notosanssc", "sourcehansans", "wqyzenhei", "wqymicrohei",
-                  "uming", "simhei")
+CJK_FONT_FILES = (
+    "notosanscjk",
+    "notoserifcjk",
+    "notosanssc",
+    "sourcehansans",
+    "wqyzenhei",
+    "wqymicrohei",
+    "uming",
+    "simhei",
+)
 
 
 class FontMissingWarning(UserWarning):
@@ -42,6 +59,7 @@ def _known_cjk_font(font_manager) -> str | None:
 
 def _cjk_font_files(font_manager) -> list[str]:
     """The system font files (paths only, none opened) whose names are those of the known CJK families."""
+
     def is_cjk(path: str) -> bool:
         stem = re.sub(r"[^a-z0-9]", "", os.path.basename(path).lower())
         return stem.startswith(CJK_FONT_FILES)
@@ -71,9 +89,13 @@ def cjk_font() -> str | None:
     if name:
         import matplotlib
 
-        log.info("matplotlib's font cache in %s lists no CJK font (it was built before the font was installed); "
-                 "registered %s from %s for this process (delete fontlist-v*.json there to rebuild the cache)",
-                 matplotlib.get_cachedir(), name, ", ".join(files))
+        log.info(
+            "matplotlib's font cache in %s lists no CJK font (it was built before the font was installed); "
+            "registered %s from %s for this process (delete fontlist-v*.json there to rebuild the cache)",
+            matplotlib.get_cachedir(),
+            name,
+            ", ".join(files),
+        )
     return name
 
 
@@ -89,7 +111,10 @@ def pyplot():
         plt.rcParams["font.sans-serif"] = [font, *(f for f in plt.rcParams["font.sans-serif"] if f != font)]
         plt.rcParams["font.family"] = "sans-serif"
     else:
-        warnings.warn("no CJK font found (install fonts-noto-cjk): Chinese labels will render as boxes",
-                      FontMissingWarning, stacklevel=2)
+        warnings.warn(
+            "no CJK font found (install fonts-noto-cjk): Chinese labels will render as boxes",
+            FontMissingWarning,
+            stacklevel=2,
+        )
     plt.rcParams["axes.unicode_minus"] = False
     return plt

@@ -49,8 +49,7 @@ class _PolicySpec(BaseModel):
             known.update(spec.aliases)
         bad = {unit: cls for unit, cls in self.units.items() if cls not in known}
         if bad:
-            raise ValueError("units map to unknown 三事 classes: "
-                             + ", ".join(f"{u} -> {c}" for u, c in bad.items()))
+            raise ValueError("units map to unknown 三事 classes: " + ", ".join(f"{u} -> {c}" for u, c in bad.items()))
         return self
 
 
@@ -103,17 +102,25 @@ class TriagePolicy:
 
     def contradictions(self, sanshi_labels: Sequence[str], unit_labels: Sequence[str]) -> np.ndarray:
         """Vectorised :meth:`contradicts` for a batch."""
-        return np.fromiter((self.contradicts(s, u) for s, u in zip(sanshi_labels, unit_labels)), dtype=bool,
-                           count=len(sanshi_labels))
+        return np.fromiter(
+            (self.contradicts(s, u) for s, u in zip(sanshi_labels, unit_labels)), dtype=bool, count=len(sanshi_labels)
+        )
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "version": self.version, "sha256": self.sha256,
-                "sanshi_target": self.sanshi_target, "unit_target": self.unit_target,
-                "classes": {name: asdict(cls) for name, cls in self.classes.items()}, "units": dict(self.units)}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "sha256": self.sha256,
+            "sanshi_target": self.sanshi_target,
+            "unit_target": self.unit_target,
+            "classes": {name: asdict(cls) for name, cls in self.classes.items()},
+            "units": dict(self.units),
+        }
 
 
-def load_policy(path: str | Path | None = None, sanshi_target: str = "sanshi",
-                unit_target: str = "unit") -> TriagePolicy:
+def load_policy(
+    path: str | Path | None = None, sanshi_target: str = "sanshi", unit_target: str = "unit"
+) -> TriagePolicy:
     """Read a 责任清单 YAML (the built-in default when ``path`` is None) and validate it."""
     path = Path(path) if path else DEFAULT_POLICY_FILE
     if not path.exists():
@@ -127,11 +134,28 @@ def load_policy(path: str | Path | None = None, sanshi_target: str = "sanshi",
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg']}" for e in error.errors())
         raise PolicyError(f"{path}: {problems}") from None
-    classes = {name: SanshiClass(name=name, colour=c.colour, colour_hex=c.colour_hex, handled_by=c.handled_by,
-                                 handling_mode=c.handling_mode, handling_steps=c.handling_steps,
-                                 time_limit_days=c.time_limit_days, aliases=tuple(c.aliases), matters=tuple(c.matters))
-               for name, c in spec.classes.items()}
+    classes = {
+        name: SanshiClass(
+            name=name,
+            colour=c.colour,
+            colour_hex=c.colour_hex,
+            handled_by=c.handled_by,
+            handling_mode=c.handling_mode,
+            handling_steps=c.handling_steps,
+            time_limit_days=c.time_limit_days,
+            aliases=tuple(c.aliases),
+            matters=tuple(c.matters),
+        )
+        for name, c in spec.classes.items()
+    }
     alias = {a: name for name, c in spec.classes.items() for a in c.aliases}
-    return TriagePolicy(name=spec.name, version=spec.version, classes=classes, units=dict(spec.units),
-                        sanshi_target=sanshi_target, unit_target=unit_target,
-                        sha256=hashlib.sha256(raw_bytes).hexdigest(), _alias=alias)
+    return TriagePolicy(
+        name=spec.name,
+        version=spec.version,
+        classes=classes,
+        units=dict(spec.units),
+        sanshi_target=sanshi_target,
+        unit_target=unit_target,
+        sha256=hashlib.sha256(raw_bytes).hexdigest(),
+        _alias=alias,
+    )

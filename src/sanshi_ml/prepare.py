@@ -57,12 +57,17 @@ def export_frame(records: RecordSet, cmap: ColumnMap) -> pd.DataFrame:
 
 def label_counts(records: RecordSet) -> dict[str, dict[str, int]]:
     """How many rows carry each label, per target (missing labels not counted)."""
-    return {target: {str(k): int(v) for k, v in records.frame[target].value_counts().items()}
-            for target in records.targets}
+    return {
+        target: {str(k): int(v) for k, v in records.frame[target].value_counts().items()} for target in records.targets
+    }
 
 
-def prepare(data: Sequence[str | Path], params: Params, out_dir: str | Path | None = None,
-            progress: Callable[[str], None] | None = None) -> dict:
+def prepare(
+    data: Sequence[str | Path],
+    params: Params,
+    out_dir: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
     """Validate ``data``, write ``records.parquet`` and ``prepare.json`` to ``out_dir``; returns the report."""
     say = progress or log.info
     cmap = ColumnMap.from_config(params.data.columns)
@@ -84,9 +89,14 @@ def prepare(data: Sequence[str | Path], params: Params, out_dir: str | Path | No
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-    report = {"sources": [str(p) for p in data], "output": str(target), "rows": len(frame),
-              "data_sha256": records.content_hash(), "load_report": records.report.as_dict(),
-              "labels": label_counts(records)}
+    report = {
+        "sources": [str(p) for p in data],
+        "output": str(target),
+        "rows": len(frame),
+        "data_sha256": records.content_hash(),
+        "load_report": records.report.as_dict(),
+        "labels": label_counts(records),
+    }
     with writing(out_dir / REPORT_FILE):
         (out_dir / REPORT_FILE).write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
     say(f"wrote {len(frame)} records to {target} (data sha256 {report['data_sha256'][:12]})")

@@ -14,8 +14,8 @@ than a damaged character or two, and more than 0.1%, is an error naming the file
 from __future__ import annotations
 
 import codecs
-import functools
 import csv
+import functools
 import io
 import json
 import logging
@@ -52,9 +52,11 @@ DETECTABLE = ("utf_8", "gb18030", "big5", "cp950", "big5hkscs")
 # GB18030 is a superset of GBK and GB2312; a file detected or named as either is read as GB18030.
 GB_FAMILY = {"gb2312", "gbk", "gb18030"}
 BOMS = (  # UTF-32's little-endian mark begins with UTF-16's, so it is tried first
-    (codecs.BOM_UTF32_LE, "utf-32", "UTF-32"), (codecs.BOM_UTF32_BE, "utf-32", "UTF-32"),
+    (codecs.BOM_UTF32_LE, "utf-32", "UTF-32"),
+    (codecs.BOM_UTF32_BE, "utf-32", "UTF-32"),
     (codecs.BOM_UTF8, "utf-8", "UTF-8"),
-    (codecs.BOM_UTF16_LE, "utf-16", "UTF-16"), (codecs.BOM_UTF16_BE, "utf-16", "UTF-16"),
+    (codecs.BOM_UTF16_LE, "utf-16", "UTF-16"),
+    (codecs.BOM_UTF16_BE, "utf-16", "UTF-16"),
 )
 
 
@@ -166,7 +168,8 @@ def _undecodable(path: Path, layout: Layout, share: float, sample: bytes, where:
     return RecordError(
         f"{path}: cannot be decoded as {layout.encoding} ({layout.encoding_source}): {_percent(share)} of "
         f"characters{where} are invalid; pass --encoding with the file's encoding "
-        f"(e.g. --encoding {_suggestion(sample, layout.encoding)})")
+        f"(e.g. --encoding {_suggestion(sample, layout.encoding)})"
+    )
 
 
 def _sample_of(path: Path, start: int = 0) -> bytes:
@@ -177,7 +180,7 @@ def _sample_of(path: Path, start: int = 0) -> bytes:
     if start == 0:
         return sample
     cut = sample.find(b"\n")
-    return sample[cut + 1:] if cut >= 0 else sample
+    return sample[cut + 1 :] if cut >= 0 else sample
 
 
 class _DecodeCheck:
@@ -209,7 +212,8 @@ def _check_column_names(frame: pd.DataFrame, path: Path, layout: Layout) -> None
         raise RecordError(
             f"{path}: {len(bad)} column name(s) hold undecodable characters when decoded as {layout.encoding} "
             f"({layout.encoding_source}); pass --encoding with the file's encoding "
-            f"(e.g. --encoding {_suggestion(_sample_of(path), layout.encoding)})")
+            f"(e.g. --encoding {_suggestion(_sample_of(path), layout.encoding)})"
+        )
 
 
 def _tidy_columns(frame: pd.DataFrame) -> pd.DataFrame:
@@ -251,7 +255,7 @@ def _whole_lines(sample: bytes) -> bytes:
     In UTF-8, GB18030 and Big5 the byte of a line break is never part of another character.
     """
     cut = sample.rfind(b"\n")
-    return sample[:cut + 1] if cut > 0 else sample
+    return sample[: cut + 1] if cut > 0 else sample
 
 
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
@@ -295,8 +299,9 @@ def _detect(head: bytes, handle: io.BufferedReader) -> tuple[str, str, bytes | N
     return _canonical(min(DETECTABLE, key=invalid.__getitem__)), "detected", later
 
 
-def _resolve_encoding(path: Path, head: bytes, handle: io.BufferedReader,
-                      given: str | None) -> tuple[str, str, int, bytes | None]:
+def _resolve_encoding(
+    path: Path, head: bytes, handle: io.BufferedReader, given: str | None
+) -> tuple[str, str, int, bytes | None]:
     """Encoding, its source, the length of a UTF-8 byte-order mark to skip, and a later sample if one was needed."""
     if given is not None:
         try:
@@ -307,8 +312,10 @@ def _resolve_encoding(path: Path, head: bytes, handle: io.BufferedReader,
     if bom is not None:
         mark, encoding, label = bom
         if given is not None and re.sub(r"-(le|be)$", "", given) != encoding:
-            raise RecordError(f"{path}: starts with a {label} byte-order mark, but --encoding {given} was given; "
-                              "drop --encoding (the mark says how the file is encoded)")
+            raise RecordError(
+                f"{path}: starts with a {label} byte-order mark, but --encoding {given} was given; "
+                "drop --encoding (the mark says how the file is encoded)"
+            )
         # The UTF-16 and UTF-32 codecs read their mark themselves; pandas' UTF-8 path skips it too.
         return encoding, "byte-order mark", len(mark) if encoding == "utf-8" else 0, None
     if given is not None:
@@ -333,7 +340,7 @@ def _sniff_delimiter(text: str) -> str:
     """Comma, tab or semicolon, as ``csv.Sniffer`` finds it in the first lines; comma if it cannot tell."""
     head = text[:SNIFF_CHARS]
     if len(text) > SNIFF_CHARS:
-        head = head[:head.rfind("\n") + 1] or head
+        head = head[: head.rfind("\n") + 1] or head
     try:
         return csv.Sniffer().sniff(head, delimiters=DELIMITERS).delimiter
     except csv.Error:
@@ -384,8 +391,9 @@ def _check_file(path: Path) -> None:
     if path.is_dir():
         raise RecordError(f"{path}: is a directory, expected a CSV, Excel, Parquet or JSONL file")
     if path.suffix.lower() not in SUPPORTED_SUFFIXES:
-        raise RecordError(f"{path}: unsupported file type '{path.suffix}'; "
-                          f"use one of {', '.join(sorted(SUPPORTED_SUFFIXES))}")
+        raise RecordError(
+            f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(sorted(SUPPORTED_SUFFIXES))}"
+        )
     if path.stat().st_size == 0:
         raise RecordError(f"{path}: file is empty")
 
@@ -537,7 +545,7 @@ def swallowed(cell: str, column: int, width: int, delimiter: str) -> bool:
     found = _BREAK.search(cell)
     if found is None:
         return False
-    first = cell[:found.start()]  # most legitimate cells fail here, before the whole cell is split
+    first = cell[: found.start()]  # most legitimate cells fail here, before the whole cell is split
     if '"' in first or first.count(delimiter) != width - column - 1:
         return False
     lines = _BREAK.split(cell)
@@ -568,7 +576,7 @@ def _cells_with_breaks(series: pd.Series) -> Iterator[str]:
         if data_buffer is None or not len(chunk):
             continue
         dtype = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
-        offsets = np.frombuffer(offsets_buffer, dtype=dtype)[chunk.offset:chunk.offset + len(chunk) + 1]
+        offsets = np.frombuffer(offsets_buffer, dtype=dtype)[chunk.offset : chunk.offset + len(chunk) + 1]
         start, end = int(offsets[0]), int(offsets[-1])
         data = data_buffer.to_pybytes()
         hits = []
@@ -579,7 +587,7 @@ def _cells_with_breaks(series: pd.Series) -> Iterator[str]:
                 at = data.find(needle, at + 1, end)
         if hits:
             for cell in np.unique(np.searchsorted(offsets, hits, side="right") - 1).tolist():
-                yield data[offsets[cell]:offsets[cell + 1]].decode("utf-8", errors="replace")
+                yield data[offsets[cell] : offsets[cell + 1]].decode("utf-8", errors="replace")
 
 
 def _holds_swallowed(frame: pd.DataFrame, delimiter: str) -> bool:
@@ -588,8 +596,11 @@ def _holds_swallowed(frame: pd.DataFrame, delimiter: str) -> bool:
     width = frame.shape[1]
     if width < 2:
         return False
-    return any(swallowed(cell, column, width, delimiter)
-               for column in range(width) for cell in _cells_with_breaks(frame.iloc[:, column]))
+    return any(
+        swallowed(cell, column, width, delimiter)
+        for column in range(width)
+        for cell in _cells_with_breaks(frame.iloc[:, column])
+    )
 
 
 def _ascii_compatible(encoding: str) -> bool:
@@ -670,10 +681,13 @@ def _widths_agree(path: Path, layout: Layout) -> bool:
             previous_hook(unraisable)
 
     # One thread: in a scoring run the other cores are the workers'.
-    options = {"read_options": pacsv.ReadOptions(autogenerate_column_names=True, use_threads=False),
-               "parse_options": pacsv.ParseOptions(delimiter=layout.delimiter or ",", newlines_in_values=True,
-                                                   invalid_row_handler=handler),
-               "convert_options": pacsv.ConvertOptions(include_columns=[])}
+    options = {
+        "read_options": pacsv.ReadOptions(autogenerate_column_names=True, use_threads=False),
+        "parse_options": pacsv.ParseOptions(
+            delimiter=layout.delimiter or ",", newlines_in_values=True, invalid_row_handler=handler
+        ),
+        "convert_options": pacsv.ConvertOptions(include_columns=[]),
+    }
     sys.unraisablehook = hook
     try:
         with open(path, "rb") as handle:
@@ -796,7 +810,7 @@ class _CarefulReader:
         """Whether the record ends at the first line break of cell ``column`` (see the class). If so, the lines
         after the break are left to be read as records; if not, they are dropped as this record's."""
         breaks = sum(len(_BREAK.findall(cell)) for cell in fields[:column])
-        rest = taken[breaks + 1:]
+        rest = taken[breaks + 1 :]
         if not rest:
             return False
         last = taken[-1][0]
@@ -815,7 +829,7 @@ class _CarefulReader:
         lines.put_back(consumed)  # read again either way: as records, or dropped just below
         if good > bad:
             return True
-        del lines.back[len(lines.back) - len(rest):]  # they belong to this record after all
+        del lines.back[len(lines.back) - len(rest) :]  # they belong to this record after all
         return False
 
     def rows(self) -> Iterator[tuple[list[str] | None, int]]:
@@ -849,8 +863,10 @@ def _careful_frames(path: Path, layout: Layout, chunk_size: int | None, skip_row
         text = io.TextIOWrapper(handle, encoding=_text_encoding(layout, handle), errors=_error_handler(), newline="")
         careful = _CarefulReader(text, layout)
         if careful.width != width:  # the header itself is read differently: nothing sensible can follow
-            raise RecordError(f"{path}: the header row has {careful.width} fields as the csv module reads it and "
-                              f"{width} as pandas reads it; check the file's quoting")
+            raise RecordError(
+                f"{path}: the header row has {careful.width} fields as the csv module reads it and "
+                f"{width} as pandas reads it; check the file's quoting"
+            )
         rows: list[list[str | None]] = []
         marks: list[int | None] = []
         seen = 0
@@ -902,8 +918,15 @@ def data_columns(frame: pd.DataFrame) -> list:
 
 def csv_options(layout: Layout) -> dict:
     """pandas ``read_csv`` keywords for a CSV of this layout: every cell a string, empty cells missing."""
-    return {"sep": layout.delimiter, "dtype": str, "keep_default_na": False, "na_values": [""],
-            "encoding": layout.encoding, "encoding_errors": _error_handler(), "skiprows": layout.header_skip or None}
+    return {
+        "sep": layout.delimiter,
+        "dtype": str,
+        "keep_default_na": False,
+        "na_values": [""],
+        "encoding": layout.encoding,
+        "encoding_errors": _error_handler(),
+        "skiprows": layout.header_skip or None,
+    }
 
 
 class _Vouch:
@@ -1059,8 +1082,9 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
         return _jsonl_frame(list(_jsonl_lines(path)))
 
 
-def read_frame(path: str | Path, read: ReadOptions | None = None, needed: Sequence[str] = (),
-               layout: Layout | None = None) -> tuple[pd.DataFrame, Layout]:
+def read_frame(
+    path: str | Path, read: ReadOptions | None = None, needed: Sequence[str] = (), layout: Layout | None = None
+) -> tuple[pd.DataFrame, Layout]:
     """A whole export as a DataFrame of strings, and how it was read (see :func:`read_table`)."""
     path = Path(path)
     suffix = path.suffix.lower()
@@ -1094,8 +1118,14 @@ def read_frame(path: str | Path, read: ReadOptions | None = None, needed: Sequen
     return frame, layout
 
 
-def read_table(path: str | Path, columns: Sequence[str] | None = None, *, read: ReadOptions | None = None,
-               needed: Sequence[str] = (), layout: Layout | None = None) -> pd.DataFrame:
+def read_table(
+    path: str | Path,
+    columns: Sequence[str] | None = None,
+    *,
+    read: ReadOptions | None = None,
+    needed: Sequence[str] = (),
+    layout: Layout | None = None,
+) -> pd.DataFrame:
     """Read a whole export into a DataFrame of strings, with an error that names the file if it cannot be read.
 
     ``columns``: columns that must be there (an error names the missing ones). The header is the first row holding
@@ -1107,8 +1137,14 @@ def read_table(path: str | Path, columns: Sequence[str] | None = None, *, read: 
     return frame
 
 
-def iter_table(path: str | Path, chunk_size: int = 20_000, *, read: ReadOptions | None = None,
-               needed: Sequence[str] = (), layout: Layout | None = None) -> Iterator[pd.DataFrame]:
+def iter_table(
+    path: str | Path,
+    chunk_size: int = 20_000,
+    *,
+    read: ReadOptions | None = None,
+    needed: Sequence[str] = (),
+    layout: Layout | None = None,
+) -> Iterator[pd.DataFrame]:
     """Stream an export in chunks of about ``chunk_size`` rows, so memory stays flat whatever the file's size.
 
     CSV stays a pandas C-engine read; pass ``layout`` (from :func:`inspect`) to read a file several times while
@@ -1129,7 +1165,7 @@ def iter_table(path: str | Path, chunk_size: int = 20_000, *, read: ReadOptions 
         else:  # Excel and whole-document JSON have no streaming reader; they are small by nature.
             frame, _ = read_frame(path, layout=layout)
             for start in range(0, len(frame), chunk_size):
-                yield frame.iloc[start:start + chunk_size]
+                yield frame.iloc[start : start + chunk_size]
     except RecordError:
         raise
     except Exception as error:
@@ -1139,5 +1175,7 @@ def iter_table(path: str | Path, chunk_size: int = 20_000, *, read: ReadOptions 
 def require_columns(frame: pd.DataFrame, columns: Sequence[str], source: str | Path) -> None:
     missing = [column for column in columns if column not in frame.columns]
     if missing:
-        raise RecordError(f"{source}: missing column(s) {', '.join(repr(c) for c in missing)}; "
-                          f"the file has {', '.join(map(str, data_columns(frame)))}")
+        raise RecordError(
+            f"{source}: missing column(s) {', '.join(repr(c) for c in missing)}; "
+            f"the file has {', '.join(map(str, data_columns(frame)))}"
+        )

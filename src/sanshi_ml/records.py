@@ -19,9 +19,23 @@ import numpy as np
 import pandas as pd
 
 from sanshi_ml.config import ColumnsConfig
-from sanshi_ml.readers import (CSV_SUFFIXES, EXCEL_SUFFIXES, JSONL_SUFFIXES,  # noqa: F401 (re-exported)
-                               MALFORMED_LINE, PARQUET_SUFFIXES, SUPPORTED_SUFFIXES, Layout, ReadOptions, RecordError,
-                               inspect, iter_table, malformed_lines, read_frame, read_table, require_columns)
+from sanshi_ml.readers import (  # noqa: F401 (re-exported)
+    CSV_SUFFIXES,
+    EXCEL_SUFFIXES,
+    JSONL_SUFFIXES,
+    MALFORMED_LINE,
+    PARQUET_SUFFIXES,
+    SUPPORTED_SUFFIXES,
+    Layout,
+    ReadOptions,
+    RecordError,
+    inspect,
+    iter_table,
+    malformed_lines,
+    read_frame,
+    read_table,
+    require_columns,
+)
 from sanshi_ml.text import model_input
 
 log = logging.getLogger(__name__)
@@ -45,8 +59,13 @@ class ColumnMap:
 
     @classmethod
     def from_config(cls, cfg: ColumnsConfig) -> ColumnMap:
-        return cls(text_cols=tuple(cfg.text_cols), targets=dict(cfg.targets), id_col=cfg.id_col,
-                   time_col=cfg.time_col, segmented_col=cfg.segmented_col)
+        return cls(
+            text_cols=tuple(cfg.text_cols),
+            targets=dict(cfg.targets),
+            id_col=cfg.id_col,
+            time_col=cfg.time_col,
+            segmented_col=cfg.segmented_col,
+        )
 
     def without_targets(self) -> ColumnMap:
         return ColumnMap(self.text_cols, {}, self.id_col, self.time_col, self.segmented_col)
@@ -75,20 +94,28 @@ class LoadReport:
 
     def lines(self) -> list[str]:
         """A short human-readable account, one fact a line."""
-        out = [f"{self.source}: {self.rows_read} rows read, {self.rows_kept} kept"
-               + (f"; {self.reading}" if self.reading else "")]
+        out = [
+            f"{self.source}: {self.rows_read} rows read, {self.rows_kept} kept"
+            + (f"; {self.reading}" if self.reading else "")
+        ]
         if self.empty_text_ids:
             shown = _shown(self.empty_text_ids)
             out.append(f"  skipped {len(self.empty_text_ids)} rows with empty text (ids: {shown})")
         if self.undecodable_ids:
-            out.append(f"  skipped {len(self.undecodable_ids)} rows whose text or labels hold undecodable bytes "
-                       f"(U+FFFD; ids: {_shown(self.undecodable_ids)})")
+            out.append(
+                f"  skipped {len(self.undecodable_ids)} rows whose text or labels hold undecodable bytes "
+                f"(U+FFFD; ids: {_shown(self.undecodable_ids)})"
+            )
         if self.malformed_lines:
-            out.append(f"  skipped {len(self.malformed_lines)} malformed rows (a stray quote, or too many or too few "
-                       f"fields; lines: {_shown(self.malformed_lines)})")
+            out.append(
+                f"  skipped {len(self.malformed_lines)} malformed rows (a stray quote, or too many or too few "
+                f"fields; lines: {_shown(self.malformed_lines)})"
+            )
         if self.duplicate_rows:
-            out.append(f"  {self.duplicate_rows} rows repeat an earlier text exactly ({self.duplicate_groups} texts); "
-                       "copies are kept on the same side of every split")
+            out.append(
+                f"  {self.duplicate_rows} rows repeat an earlier text exactly ({self.duplicate_groups} texts); "
+                "copies are kept on the same side of every split"
+            )
         for target, count in self.missing_labels.items():
             if count:
                 out.append(f"  {count} rows have no label for target '{target}' and are left out of its training")
@@ -97,12 +124,20 @@ class LoadReport:
         return out
 
     def as_dict(self) -> dict:
-        return {"source": self.source, "rows_read": self.rows_read, "rows_kept": self.rows_kept,
-                "empty_text": len(self.empty_text_ids), "undecodable": len(self.undecodable_ids),
-                "malformed": len(self.malformed_lines), "malformed_lines": self.malformed_lines[:100],
-                "duplicate_rows": self.duplicate_rows, "duplicate_groups": self.duplicate_groups,
-                "missing_labels": dict(self.missing_labels), "unparsed_times": self.unparsed_times,
-                "reading": self.reading}
+        return {
+            "source": self.source,
+            "rows_read": self.rows_read,
+            "rows_kept": self.rows_kept,
+            "empty_text": len(self.empty_text_ids),
+            "undecodable": len(self.undecodable_ids),
+            "malformed": len(self.malformed_lines),
+            "malformed_lines": self.malformed_lines[:100],
+            "duplicate_rows": self.duplicate_rows,
+            "duplicate_groups": self.duplicate_groups,
+            "missing_labels": dict(self.missing_labels),
+            "unparsed_times": self.unparsed_times,
+            "reading": self.reading,
+        }
 
 
 def _shown(ids: list[str]) -> str:
@@ -172,8 +207,13 @@ def _detect(frame: pd.DataFrame, explicit: str | None, candidates: Sequence[str]
 
 def resolve_columns(frame: pd.DataFrame, cmap: ColumnMap, source: str | Path) -> ColumnMap:
     """Fill in the id and time columns by their usual names, then check that every named column exists."""
-    resolved = ColumnMap(cmap.text_cols, dict(cmap.targets), _detect(frame, cmap.id_col, ID_CANDIDATES),
-                         _detect(frame, cmap.time_col, TIME_CANDIDATES), cmap.segmented_col)
+    resolved = ColumnMap(
+        cmap.text_cols,
+        dict(cmap.targets),
+        _detect(frame, cmap.id_col, ID_CANDIDATES),
+        _detect(frame, cmap.time_col, TIME_CANDIDATES),
+        cmap.segmented_col,
+    )
     if not resolved.text_cols and not resolved.segmented_col:
         raise RecordError(f"{source}: no text column given (use --text-cols or --segmented-col)")
     needed = [c for c in (resolved.id_col, resolved.time_col, resolved.segmented_col) if c]
@@ -242,8 +282,9 @@ def to_records(frame: pd.DataFrame, cmap: ColumnMap, source: str | Path, reading
     report.empty_text_ids = canon.loc[empty, "id"].tolist()
     # A byte the reader could not decode became U+FFFD; such a row is neither learned from nor measured on (a
     # garbled label would become a class of its own). The reader has already refused a file with many of them.
-    undecodable = ~empty & ~malformed & _holds_undecodable(canon, ["segmented" if segmented else "text", "title",
-                                                                    *cmap.targets])
+    undecodable = (
+        ~empty & ~malformed & _holds_undecodable(canon, ["segmented" if segmented else "text", "title", *cmap.targets])
+    )
     report.undecodable_ids = canon.loc[undecodable, "id"].tolist()
     if _detect(frame, cmap.time_col, TIME_CANDIDATES):
         report.unparsed_times = int(canon.loc[~malformed, "received_at"].isna().sum())
@@ -291,13 +332,16 @@ def load_many(paths: Sequence[str | Path], cmap: ColumnMap, read: ReadOptions | 
         records = sets[0]
     else:
         frame = pd.concat([s.frame.drop(columns="group") for s in sets], ignore_index=True)
-        report = LoadReport(source=" + ".join(str(p) for p in paths), rows_read=sum(s.report.rows_read for s in sets),
-                            reading="; ".join(f"{p}: {s.report.reading}" for p, s in zip(paths, sets)
-                                              if s.report.reading))
+        report = LoadReport(
+            source=" + ".join(str(p) for p in paths),
+            rows_read=sum(s.report.rows_read for s in sets),
+            reading="; ".join(f"{p}: {s.report.reading}" for p, s in zip(paths, sets) if s.report.reading),
+        )
         report.empty_text_ids = [i for s in sets for i in s.report.empty_text_ids]
         report.undecodable_ids = [i for s in sets for i in s.report.undecodable_ids]
-        report.malformed_lines = [f"{Path(p).name}:{line}" for p, s in zip(paths, sets)
-                                  for line in s.report.malformed_lines]
+        report.malformed_lines = [
+            f"{Path(p).name}:{line}" for p, s in zip(paths, sets) for line in s.report.malformed_lines
+        ]
         report.unparsed_times = sum(s.report.unparsed_times for s in sets)
         records = _with_groups(frame, sets[0].targets, report, sets[0].segmented)
     if not len(records):
@@ -309,9 +353,15 @@ def _nothing_to_use(report: LoadReport) -> str:
     """Why a load gave no record to learn from or measure on, naming the export(s)."""
     if not report.rows_read:
         return f"{report.source}: no records, only a header (or nothing) below the column names"
-    reasons = [f"{n} {what}" for n, what in ((len(report.empty_text_ids), "with empty text"),
-                                              (len(report.undecodable_ids), "with undecodable bytes"),
-                                              (len(report.malformed_lines), "malformed")) if n]
+    reasons = [
+        f"{n} {what}"
+        for n, what in (
+            (len(report.empty_text_ids), "with empty text"),
+            (len(report.undecodable_ids), "with undecodable bytes"),
+            (len(report.malformed_lines), "malformed"),
+        )
+        if n
+    ]
     return f"{report.source}: none of its {report.rows_read} rows can be used ({', '.join(reasons)})"
 
 
@@ -325,8 +375,9 @@ def duplicate_groups(content: pd.Series) -> np.ndarray:
 # Splits and folds
 
 
-def split_indices(records: RecordSet, test_size: float, seed: int,
-                  stratify_target: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(
+    records: RecordSet, test_size: float, seed: int, stratify_target: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """A stratified train/test split at the level of distinct texts, so duplicates never straddle it.
 
     Each group of identical texts is one unit, stratified by the label of its first row. Classes with a single
@@ -341,8 +392,9 @@ def split_indices(records: RecordSet, test_size: float, seed: int,
     return grouped_stratified_split(frame["group"].to_numpy(), labels, test_size, seed)
 
 
-def grouped_stratified_split(groups: np.ndarray, labels: np.ndarray, test_size: float,
-                             seed: int) -> tuple[np.ndarray, np.ndarray]:
+def grouped_stratified_split(
+    groups: np.ndarray, labels: np.ndarray, test_size: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Split row positions so that each group lies wholly on one side, stratified by each group's first label."""
     from sklearn.model_selection import train_test_split
 
@@ -351,14 +403,15 @@ def grouped_stratified_split(groups: np.ndarray, labels: np.ndarray, test_size: 
     singletons = first.index[first.map(counts) < 2]
     splittable = first.drop(index=singletons)
     train_groups, test_groups = train_test_split(
-        splittable.index.to_numpy(), test_size=test_size, random_state=seed,
-        stratify=splittable.to_numpy(dtype=object))
+        splittable.index.to_numpy(), test_size=test_size, random_state=seed, stratify=splittable.to_numpy(dtype=object)
+    )
     in_test = np.isin(groups, test_groups)
     return np.flatnonzero(~in_test), np.flatnonzero(in_test)
 
 
-def fold_indices(records: RecordSet, k: int, seed: int,
-                 stratify_target: str | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+def fold_indices(
+    records: RecordSet, k: int, seed: int, stratify_target: str | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """K stratified folds that keep duplicate texts together."""
     target = stratify_target or records.targets[0]
     y = records.frame[target].fillna("<missing>").astype(str).to_numpy(dtype=object)
@@ -375,5 +428,9 @@ def grouped_folds(groups: np.ndarray, labels: np.ndarray, k: int, seed: int) -> 
 
 def subset(records: RecordSet, index: np.ndarray) -> RecordSet:
     """The rows at ``index`` as a RecordSet of their own (sharing the load report)."""
-    return RecordSet(frame=records.frame.iloc[index].reset_index(drop=True), targets=records.targets,
-                     report=records.report, segmented=records.segmented)
+    return RecordSet(
+        frame=records.frame.iloc[index].reset_index(drop=True),
+        targets=records.targets,
+        report=records.report,
+        segmented=records.segmented,
+    )

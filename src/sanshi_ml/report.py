@@ -88,8 +88,15 @@ def _batches(path: Path, columns: list[str], size: int = 200_000) -> Iterator[pd
     """The columns of a scored file in batches; a file damaged further on is one error naming it."""
     try:
         if path.suffix.lower() == ".csv":
-            yield from pd.read_csv(path, usecols=columns, chunksize=size, encoding="utf-8-sig", dtype=str,
-                                   keep_default_na=False, na_values=[""])
+            yield from pd.read_csv(
+                path,
+                usecols=columns,
+                chunksize=size,
+                encoding="utf-8-sig",
+                dtype=str,
+                keep_default_na=False,
+                na_values=[""],
+            )
             return
         import pyarrow.parquet as pq
 
@@ -124,8 +131,10 @@ def tally(path: str | Path, unit_target: str | None = "unit") -> tuple[Tally, li
     for other in files[1:]:
         missing = [c for c in columns if c not in _columns_of(other)]
         if missing:
-            raise RecordError(f"{other}: not a part of the same scored archive as {files[0]} (no column "
-                              f"{', '.join(map(repr, missing))})")
+            raise RecordError(
+                f"{other}: not a part of the same scored archive as {files[0]} (no column "
+                f"{', '.join(map(repr, missing))})"
+            )
     unit = unit_target if unit_target in targets else None
     wanted = ["status", *targets, *(f"{t}_needs_review" for t in targets)]
     has_time = "received_at" in columns
@@ -138,8 +147,9 @@ def tally(path: str | Path, unit_target: str | None = "unit") -> tuple[Tally, li
     return counts, targets, sanshi, unit
 
 
-def _add(counts: Tally, frame: pd.DataFrame, targets: list[str], sanshi: str | None, unit: str | None,
-         has_time: bool) -> None:
+def _add(
+    counts: Tally, frame: pd.DataFrame, targets: list[str], sanshi: str | None, unit: str | None, has_time: bool
+) -> None:
     counts.rows += len(frame)
     status = frame["status"].astype(str)
     counts.status.update(status.value_counts().to_dict())
@@ -187,7 +197,8 @@ def label_table(counts: Tally, target: str) -> pd.DataFrame:
 def month_table(counts: Tally, classes: list[str]) -> pd.DataFrame:
     """Records per month (from received_at): all rows, each 三事 class among scored rows, and flagged rows."""
     months = sorted(m for m in counts.month_rows if m != NO_MONTH) + (
-        [NO_MONTH] if NO_MONTH in counts.month_rows else [])
+        [NO_MONTH] if NO_MONTH in counts.month_rows else []
+    )
     frame = pd.DataFrame({"month": months, "records": [counts.month_rows[m] for m in months]})
     for cls in classes:
         frame[cls] = [counts.month_sanshi.get((m, cls), 0) for m in months]
@@ -255,8 +266,16 @@ def monthly_chart(months: pd.DataFrame, classes: list[str], policy: TriagePolicy
     fig, ax = plt.subplots(figsize=(max(8.0, min(0.16 * len(dated) + 3, 24.0)), 5.0))
     bottom = pd.Series(0, index=dated.index, dtype=float)
     for cls, colour in zip(classes, _colours(policy, classes)):
-        ax.bar(range(len(dated)), dated[cls], bottom=bottom, color=colour, label=cls, width=0.85,
-               edgecolor="white", linewidth=0.3)
+        ax.bar(
+            range(len(dated)),
+            dated[cls],
+            bottom=bottom,
+            color=colour,
+            label=cls,
+            width=0.85,
+            edgecolor="white",
+            linewidth=0.3,
+        )
         bottom += dated[cls]
     step = max(1, len(dated) // 24)
     ax.set_xticks(range(0, len(dated), step))
@@ -310,8 +329,9 @@ def review_chart(review: pd.DataFrame, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.0, 3.8))
     bars = ax.bar(names, review["share"] * 100, color=["#5f6368"] * (len(names) - 1) + ["#1a73e8"])
     for bar, share in zip(bars, review["share"]):
-        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{share:.1%}", ha="center", va="bottom",
-                fontsize=9)
+        ax.text(
+            bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{share:.1%}", ha="center", va="bottom", fontsize=9
+        )
     ax.set_ylabel("需人工复核 (%)")
     ax.set_ylim(0, 105)
     ax.set_title("需人工复核的比例")
@@ -335,13 +355,21 @@ class ReportResult:
     png: list[Path]
 
     def lines(self) -> list[str]:
-        return [f"report of {self.rows} records ({self.scored} scored) in {self.out_dir}: "
-                f"{len(self.csv)} CSV tables, {len(self.png)} charts",
-                *(f"  {p.name}" for p in self.csv + self.png)]
+        return [
+            f"report of {self.rows} records ({self.scored} scored) in {self.out_dir}: "
+            f"{len(self.csv)} CSV tables, {len(self.png)} charts",
+            *(f"  {p.name}" for p in self.csv + self.png),
+        ]
 
 
-def report(scored: str | Path, out_dir: str | Path, *, policy_path: str | None = None, top_units: int = 15,
-           say: Callable[[str], None] | None = None) -> ReportResult:
+def report(
+    scored: str | Path,
+    out_dir: str | Path,
+    *,
+    policy_path: str | None = None,
+    top_units: int = 15,
+    say: Callable[[str], None] | None = None,
+) -> ReportResult:
     """Write the counts (CSV) and charts (PNG) of a scored archive to ``out_dir``."""
     say = say or log.info
     policy = load_policy(policy_path)

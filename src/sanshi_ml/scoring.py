@@ -43,11 +43,23 @@ import pandas as pd
 import pyarrow as pa
 
 from sanshi_ml.artifacts import atomic_write_bytes
-from sanshi_ml.outputs import OutputError, check_writable, output_lock, writing
+from sanshi_ml.outputs import check_writable, output_lock, writing
 from sanshi_ml.readers import MALFORMED_LINE, data_columns, malformed_lines
-from sanshi_ml.records import (CSV_SUFFIXES, EXCEL_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES, ColumnMap, Layout,
-                               ReadOptions, RecordError, canonical_frame, header_columns, inspect, iter_table,
-                               resolve_columns)
+from sanshi_ml.records import (
+    CSV_SUFFIXES,
+    EXCEL_SUFFIXES,
+    JSONL_SUFFIXES,
+    PARQUET_SUFFIXES,
+    ColumnMap,
+    Layout,
+    ReadOptions,
+    RecordError,
+    canonical_frame,
+    header_columns,
+    inspect,
+    iter_table,
+    resolve_columns,
+)
 from sanshi_ml.suggest import STATUS_OK, Suggester, text_status
 from sanshi_ml.text import build_unassigned_table, model_input
 
@@ -90,12 +102,18 @@ def output_schema(suggester: Suggester, keep_cols: Sequence[str] = ()) -> pa.Sch
     fields = [pa.field("id", pa.string()), pa.field("received_at", pa.timestamp("us"))]
     fields += [pa.field(column, pa.string()) for column in keep_cols]
     for target in suggester.targets:
-        fields += [pa.field(target, pa.string()), pa.field(f"{target}_confidence", pa.float32()),
-                   pa.field(f"{target}_needs_review", pa.bool_())]
+        fields += [
+            pa.field(target, pa.string()),
+            pa.field(f"{target}_confidence", pa.float32()),
+            pa.field(f"{target}_needs_review", pa.bool_()),
+        ]
         if target == suggester.sanshi_target:
             fields += [pa.field(f"{target}_colour", pa.string()), pa.field(f"{target}_handling_mode", pa.string())]
-    fields += [pa.field("policy_conflict", pa.bool_()), pa.field("status", pa.string()),
-               pa.field("model_version", pa.string())]
+    fields += [
+        pa.field("policy_conflict", pa.bool_()),
+        pa.field("status", pa.string()),
+        pa.field("model_version", pa.string()),
+    ]
     return pa.schema(fields)
 
 
@@ -113,8 +131,9 @@ def _cell_problem(value: object) -> str | None:
     return None
 
 
-def _row_statuses(raw: pd.DataFrame, canon: pd.DataFrame, spec: ScoringSpec,
-                  cell_problems: list[str | None]) -> np.ndarray:
+def _row_statuses(
+    raw: pd.DataFrame, canon: pd.DataFrame, spec: ScoringSpec, cell_problems: list[str | None]
+) -> np.ndarray:
     """``ok`` or the reason a row is not scored; the rule is the server's: ``text_status`` of the request text."""
     statuses = np.empty(len(canon), dtype=object)
     for row, (problem, body) in enumerate(zip(cell_problems, canon["text"].tolist())):
@@ -147,8 +166,9 @@ def _timestamps(series: pd.Series) -> pa.Array:
     return pa.array(series.astype("datetime64[us]"), type=pa.timestamp("us"), from_pandas=True)
 
 
-def score_chunk(raw: pd.DataFrame, suggester: Suggester, spec: ScoringSpec, source: str | Path = "input",
-                row_offset: int = 0) -> pd.DataFrame:
+def score_chunk(
+    raw: pd.DataFrame, suggester: Suggester, spec: ScoringSpec, source: str | Path = "input", row_offset: int = 0
+) -> pd.DataFrame:
     """Score one chunk of an export: the per-chunk function of both the local run and the Dask run.
 
     ``row_offset`` is the position of the chunk's first row in its file (ids default to the row number). Returns a
@@ -161,9 +181,10 @@ def score_chunk(raw: pd.DataFrame, suggester: Suggester, spec: ScoringSpec, sour
     malformed = np.flatnonzero(lines) if lines is not None else np.empty(0, dtype=np.int64)
     statuses[malformed] = STATUS_MALFORMED
     good = np.flatnonzero(statuses == STATUS_OK)
-    texts = [model_input(title, text) for title, text in zip(canon["title"].to_numpy()[good],
-                                                              canon["text"].to_numpy()[good])]
-    scored = [suggester.score_frame(texts[i:i + SCORE_BATCH]) for i in range(0, len(texts), SCORE_BATCH)]
+    texts = [
+        model_input(title, text) for title, text in zip(canon["title"].to_numpy()[good], canon["text"].to_numpy()[good])
+    ]
+    scored = [suggester.score_frame(texts[i : i + SCORE_BATCH]) for i in range(0, len(texts), SCORE_BATCH)]
     schema = output_schema(suggester, spec.keep_cols)
     n = len(canon)
     ids = canon["id"].astype(object).to_numpy()
@@ -173,11 +194,14 @@ def score_chunk(raw: pd.DataFrame, suggester: Suggester, spec: ScoringSpec, sour
     if len(malformed):  # no cell of a damaged row can be trusted, its id neither: its line in the file instead
         ids = ids.copy()
         ids[malformed] = [f"{name}:line{lines[i]}" if spec.prefix_row_ids else f"line{lines[i]}" for i in malformed]
-    arrays: dict[str, pa.Array] = {"id": pa.array(ids, type=pa.string()),
-                                   "received_at": _timestamps(canon["received_at"])}
+    arrays: dict[str, pa.Array] = {
+        "id": pa.array(ids, type=pa.string()),
+        "received_at": _timestamps(canon["received_at"]),
+    }
     for column in spec.keep_cols:
-        arrays[column] = pa.array(raw[column].astype("string").astype(object).to_numpy(), type=pa.string(),
-                                  from_pandas=True)
+        arrays[column] = pa.array(
+            raw[column].astype("string").astype(object).to_numpy(), type=pa.string(), from_pandas=True
+        )
     predicted = pd.concat(scored, ignore_index=True) if scored else None
     for name in schema.names:
         if name in arrays or name in ("status", "model_version"):
@@ -258,8 +282,10 @@ def check_columns(paths: Sequence[Path], spec: ScoringSpec, layouts: dict[Path, 
         resolve_columns(first, spec.columns, path)
         missing = [c for c in spec.keep_cols if c not in first.columns]
         if missing:
-            raise RecordError(f"{path}: missing column(s) {', '.join(map(repr, missing))} given to --keep-cols; "
-                              f"the file has {', '.join(map(str, data_columns(first)))}")
+            raise RecordError(
+                f"{path}: missing column(s) {', '.join(map(repr, missing))} given to --keep-cols; "
+                f"the file has {', '.join(map(str, data_columns(first)))}"
+            )
     return empty
 
 
@@ -271,26 +297,48 @@ def _file_fingerprint(path: Path) -> dict:
     return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "head_sha256": head}
 
 
-def run_fingerprint(paths: Sequence[Path], model_sha256: str, policy_sha256: str, chunk_size: int,
-                    spec: ScoringSpec, layouts: dict[Path, Layout] | None = None) -> dict:
+def run_fingerprint(
+    paths: Sequence[Path],
+    model_sha256: str,
+    policy_sha256: str,
+    chunk_size: int,
+    spec: ScoringSpec,
+    layouts: dict[Path, Layout] | None = None,
+) -> dict:
     """What must be the same for ``--resume`` to continue a run: model, policy, inputs and how they are read,
     chunking, columns."""
     layouts = layouts or read_layouts(paths, spec)
-    return {"model_sha256": model_sha256, "policy_sha256": policy_sha256, "chunk_size": chunk_size,
-            "inputs": [_file_fingerprint(p) for p in paths],
-            # Another encoding or header row would give other rows: chunk k would no longer be the same records.
-            "reading": [layouts[p].describe() for p in paths],
-            "columns": {"text_cols": list(spec.columns.text_cols), "id_col": spec.columns.id_col,
-                        "time_col": spec.columns.time_col, "segmented_col": spec.columns.segmented_col},
-            "keep_cols": list(spec.keep_cols), "max_text_chars": spec.max_text_chars,
-            "prefix_row_ids": spec.prefix_row_ids}
+    return {
+        "model_sha256": model_sha256,
+        "policy_sha256": policy_sha256,
+        "chunk_size": chunk_size,
+        "inputs": [_file_fingerprint(p) for p in paths],
+        # Another encoding or header row would give other rows: chunk k would no longer be the same records.
+        "reading": [layouts[p].describe() for p in paths],
+        "columns": {
+            "text_cols": list(spec.columns.text_cols),
+            "id_col": spec.columns.id_col,
+            "time_col": spec.columns.time_col,
+            "segmented_col": spec.columns.segmented_col,
+        },
+        "keep_cols": list(spec.keep_cols),
+        "max_text_chars": spec.max_text_chars,
+        "prefix_row_ids": spec.prefix_row_ids,
+    }
 
 
 def _fingerprint_difference(recorded: dict, current: dict) -> str | None:
-    labels = {"model_sha256": "the model", "policy_sha256": "the 三事 policy", "chunk_size": "the chunk size",
-              "inputs": "the input files", "reading": "how the inputs are read (--encoding, --sheet, --header-row)",
-              "columns": "the column options", "keep_cols": "--keep-cols",
-              "max_text_chars": "the text length limit", "prefix_row_ids": "the number of inputs"}
+    labels = {
+        "model_sha256": "the model",
+        "policy_sha256": "the 三事 policy",
+        "chunk_size": "the chunk size",
+        "inputs": "the input files",
+        "reading": "how the inputs are read (--encoding, --sheet, --header-row)",
+        "columns": "the column options",
+        "keep_cols": "--keep-cols",
+        "max_text_chars": "the text length limit",
+        "prefix_row_ids": "the number of inputs",
+    }
     for key, label in labels.items():
         if recorded.get(key) != current.get(key):
             return label
@@ -394,8 +442,13 @@ def write_part(parts_dir: Path, chunk: Chunk, frame: pd.DataFrame, schema: pa.Sc
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-    done = {"chunk": chunk.index, "source": str(chunk.source), "row_offset": chunk.row_offset, "rows": len(frame),
-            "status": dict(Counter(frame["status"].tolist()))}
+    done = {
+        "chunk": chunk.index,
+        "source": str(chunk.source),
+        "row_offset": chunk.row_offset,
+        "rows": len(frame),
+        "status": dict(Counter(frame["status"].tolist())),
+    }
     with writing(marker, "a checkpoint"):
         atomic_write_bytes(marker, json.dumps(done, ensure_ascii=False).encode("utf-8"))
     return done
@@ -451,8 +504,7 @@ def _assemble(parts_dir: Path, n_chunks: int, out: Path, fmt: str, schema: pa.Sc
                         # "2024-03-05 08:30:00", not Arrow's "2024-03-05 08:30:00.000000" (the Parquet output
                         # keeps fractions of a second; received times in hotline exports have none)
                         seconds = table.column(times).cast(pa.timestamp("s"), safe=False)
-                        table = table.set_column(times, "received_at",
-                                                 pc.strftime(seconds, format="%Y-%m-%d %H:%M:%S"))
+                        table = table.set_column(times, "received_at", pc.strftime(seconds, format="%Y-%m-%d %H:%M:%S"))
                         writer.write_table(table)
                         rows += table.num_rows
         with open(tmp, "rb") as handle:
@@ -488,8 +540,14 @@ def _die_with_parent() -> None:
         os._exit(1)  # the parent died before prctl took effect
 
 
-def _init_worker(parent_pid: int, model_dir: str | None, policy_path: str | None, spec: ScoringSpec,
-                 parts_dir: str, schema: pa.Schema) -> None:
+def _init_worker(
+    parent_pid: int,
+    model_dir: str | None,
+    policy_path: str | None,
+    spec: ScoringSpec,
+    parts_dir: str,
+    schema: pa.Schema,
+) -> None:
     """Per worker, once: with fork the model is inherited from the parent; with spawn it is loaded here."""
     _WORKER["parent_pid"] = parent_pid
     _die_with_parent()
@@ -559,9 +617,11 @@ class ScoreResult:
     def lines(self) -> list[str]:
         statuses = ", ".join(f"{k} {v}" for k, v in sorted(self.status.items(), key=lambda kv: -kv[1]))
         resumed = f", {self.resumed_chunks} of {self.chunks} chunks from the checkpoint" if self.resumed_chunks else ""
-        return [f"scored {self.rows} records into {self.out} with model {self.model_version} in {self.seconds:.1f}s "
-                f"({self.records_per_second:,.0f} records/s, {self.jobs} process(es){resumed})",
-                f"status: {statuses}"]
+        return [
+            f"scored {self.rows} records into {self.out} with model {self.model_version} in {self.seconds:.1f}s "
+            f"({self.records_per_second:,.0f} records/s, {self.jobs} process(es){resumed})",
+            f"status: {statuses}",
+        ]
 
 
 def output_format(out: Path) -> str:
@@ -578,16 +638,20 @@ def parts_dir_for(out: Path) -> Path:
 def _prepare_parts_dir(parts_dir: Path, fingerprint: dict, resume: bool, overwrite: bool) -> None:
     run_file = parts_dir / RUN_FILE
     if run_file.exists() and not resume and not overwrite:
-        raise ScoringError(f"{parts_dir} holds an unfinished run: pass --resume to finish it, or --overwrite to "
-                           "start again from scratch")
+        raise ScoringError(
+            f"{parts_dir} holds an unfinished run: pass --resume to finish it, or --overwrite to "
+            "start again from scratch"
+        )
     if resume:
         if not run_file.exists():
             raise ScoringError(f"nothing to resume: {run_file} not found (run without --resume to start)")
         recorded = json.loads(run_file.read_text(encoding="utf-8"))
         difference = _fingerprint_difference(recorded.get("fingerprint", {}), fingerprint)
         if difference:
-            raise ScoringError(f"refusing to resume: {difference} differ from the interrupted run recorded in "
-                               f"{run_file}; finish it with the same options, or pass --overwrite to start again")
+            raise ScoringError(
+                f"refusing to resume: {difference} differ from the interrupted run recorded in "
+                f"{run_file}; finish it with the same options, or pass --overwrite to start again"
+            )
         # What the interrupted run was writing when it died (a part, the assembly): no run holds them now (the lock).
         for stale in parts_dir.glob(".*"):
             stale.unlink(missing_ok=True)
@@ -596,23 +660,51 @@ def _prepare_parts_dir(parts_dir: Path, fingerprint: dict, resume: bool, overwri
         if parts_dir.exists():
             shutil.rmtree(parts_dir)
         parts_dir.mkdir(parents=True)
-        atomic_write_bytes(run_file, json.dumps({"fingerprint": fingerprint, "started_at": time.time()},
-                                                 ensure_ascii=False, indent=2).encode("utf-8"))
+        atomic_write_bytes(
+            run_file,
+            json.dumps({"fingerprint": fingerprint, "started_at": time.time()}, ensure_ascii=False, indent=2).encode(
+                "utf-8"
+            ),
+        )
 
 
 def _progress_bar(total: int | None, exact: bool, initial: int, enabled: bool):
     from tqdm import tqdm
 
     desc = "scoring" if exact or total is None else "scoring (total ≈)"
-    return tqdm(total=total, initial=initial, unit="rec", unit_scale=True, desc=desc, disable=not enabled,
-                file=sys.stderr, mininterval=1.0, smoothing=0.1, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="rec",
+        unit_scale=True,
+        desc=desc,
+        disable=not enabled,
+        file=sys.stderr,
+        mininterval=1.0,
+        smoothing=0.1,
+        dynamic_ncols=True,
+    )
 
 
-def score(inputs: Sequence[str | Path], model_dir: str | Path, out: str | Path, *, columns: ColumnMap | None = None,
-          chunk_size: int = 10_000, jobs: int = 0, resume: bool = False, dask: str | None = None,
-          keep_cols: Sequence[str] = (), max_text_chars: int = 20_000, policy_path: str | None = None,
-          overwrite: bool = False, progress: bool = True, keep_parts: bool = False,
-          read: ReadOptions | None = None, say: Callable[[str], None] | None = None) -> ScoreResult:
+def score(
+    inputs: Sequence[str | Path],
+    model_dir: str | Path,
+    out: str | Path,
+    *,
+    columns: ColumnMap | None = None,
+    chunk_size: int = 10_000,
+    jobs: int = 0,
+    resume: bool = False,
+    dask: str | None = None,
+    keep_cols: Sequence[str] = (),
+    max_text_chars: int = 20_000,
+    policy_path: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    keep_parts: bool = False,
+    read: ReadOptions | None = None,
+    say: Callable[[str], None] | None = None,
+) -> ScoreResult:
     """Score archives into one Parquet or CSV file (or, with ``dask``, a Parquet directory written by a cluster).
 
     ``columns``: how the inputs' columns map onto the record schema; None uses the column map recorded with the
@@ -630,20 +722,54 @@ def score(inputs: Sequence[str | Path], model_dir: str | Path, out: str | Path, 
             raise ScoringError(f"{out} is a directory; give a file name ending in .parquet or .csv")
     check_writable(out.parent, "scored output")  # before the work, not when the first part is written
     with output_lock(out):  # held until the run ends, so a second run on this output refuses instead of interfering
-        return _score(paths, model_dir, out, columns=columns, chunk_size=chunk_size, jobs=jobs, resume=resume,
-                      dask=dask, keep_cols=keep_cols, max_text_chars=max_text_chars, policy_path=policy_path,
-                      overwrite=overwrite, progress=progress, keep_parts=keep_parts, read=read, say=say)
+        return _score(
+            paths,
+            model_dir,
+            out,
+            columns=columns,
+            chunk_size=chunk_size,
+            jobs=jobs,
+            resume=resume,
+            dask=dask,
+            keep_cols=keep_cols,
+            max_text_chars=max_text_chars,
+            policy_path=policy_path,
+            overwrite=overwrite,
+            progress=progress,
+            keep_parts=keep_parts,
+            read=read,
+            say=say,
+        )
 
 
-def _score(paths: list[Path], model_dir: str | Path, out: Path, *, columns: ColumnMap | None, chunk_size: int,
-           jobs: int, resume: bool, dask: str | None, keep_cols: Sequence[str], max_text_chars: int,
-           policy_path: str | None, overwrite: bool, progress: bool, keep_parts: bool, read: ReadOptions | None,
-           say: Callable[[str], None]) -> ScoreResult:
+def _score(
+    paths: list[Path],
+    model_dir: str | Path,
+    out: Path,
+    *,
+    columns: ColumnMap | None,
+    chunk_size: int,
+    jobs: int,
+    resume: bool,
+    dask: str | None,
+    keep_cols: Sequence[str],
+    max_text_chars: int,
+    policy_path: str | None,
+    overwrite: bool,
+    progress: bool,
+    keep_parts: bool,
+    read: ReadOptions | None,
+    say: Callable[[str], None],
+) -> ScoreResult:
     from sanshi_ml.artifacts import load_model
 
     loaded = load_model(model_dir)  # integrity-checked before anything else happens
-    spec = ScoringSpec(columns=columns or model_columns(loaded.metadata), max_text_chars=max_text_chars,
-                       keep_cols=tuple(keep_cols), prefix_row_ids=len(paths) > 1)
+    spec = ScoringSpec(
+        columns=columns or model_columns(loaded.metadata),
+        max_text_chars=max_text_chars,
+        keep_cols=tuple(keep_cols),
+        prefix_row_ids=len(paths) > 1,
+    )
     layouts = read_layouts(paths, spec, read)
     for path, layout in layouts.items():
         if layout.summary():
@@ -658,15 +784,18 @@ def _score(paths: list[Path], model_dir: str | Path, out: Path, *, columns: Colu
     _check_keep_cols(suggester, spec.keep_cols)
     if dask:
         if resume:
-            raise ScoringError("--resume is for local runs; with --dask a failed partition is retried by Dask and "
-                               "an interrupted run is started again (--overwrite)")
+            raise ScoringError(
+                "--resume is for local runs; with --dask a failed partition is retried by Dask and "
+                "an interrupted run is started again (--overwrite)"
+            )
         return score_dask(paths, loaded, suggester, spec, out, dask, overwrite=overwrite, say=say, layouts=layouts)
 
     fmt = output_format(out)
     schema = output_schema(suggester, spec.keep_cols)
     parts_dir = parts_dir_for(out)
-    fingerprint = run_fingerprint(paths, loaded.metadata["artifact"]["sha256"], suggester.policy.sha256,
-                                  chunk_size, spec, layouts)
+    fingerprint = run_fingerprint(
+        paths, loaded.metadata["artifact"]["sha256"], suggester.policy.sha256, chunk_size, spec, layouts
+    )
     _prepare_parts_dir(parts_dir, fingerprint, resume, overwrite)
     n_jobs = resolve_jobs(jobs)
     started = time.perf_counter()
@@ -727,13 +856,21 @@ def _score(paths: list[Path], model_dir: str | Path, out: Path, *, columns: Colu
         _WORKER.clear()  # the in-process path left the suggester here; the caller's next model must not sit beside it
     rows = assemble(parts_dir, n_chunks, out, fmt, schema)
     if rows != rows_done:  # cannot happen unless a part was changed behind the run's back
-        raise ScoringError(f"{parts_dir}: the parts hold {rows} rows, the checkpoints {rows_done}; rerun with "
-                           "--overwrite")
+        raise ScoringError(
+            f"{parts_dir}: the parts hold {rows} rows, the checkpoints {rows_done}; rerun with --overwrite"
+        )
     if not keep_parts:
         shutil.rmtree(parts_dir, ignore_errors=True)
-    result = ScoreResult(out=out, rows=rows, chunks=n_chunks, resumed_chunks=resumed,
-                         seconds=time.perf_counter() - started, status=dict(status),
-                         model_version=suggester.version, jobs=n_jobs)
+    result = ScoreResult(
+        out=out,
+        rows=rows,
+        chunks=n_chunks,
+        resumed_chunks=resumed,
+        seconds=time.perf_counter() - started,
+        status=dict(status),
+        model_version=suggester.version,
+        jobs=n_jobs,
+    )
     for line in result.lines():
         say(line)
     return result
@@ -748,14 +885,15 @@ def _check_keep_cols(suggester: Suggester, keep_cols: Sequence[str]) -> None:
         raise ScoringError("--keep-cols names a column twice")
 
 
-def _start_workers(n_jobs: int, suggester: Suggester, model_dir, policy_path, spec: ScoringSpec,
-                   parts_dir: Path, schema: pa.Schema) -> ProcessPoolExecutor | None:
+def _start_workers(
+    n_jobs: int, suggester: Suggester, model_dir, policy_path, spec: ScoringSpec, parts_dir: Path, schema: pa.Schema
+) -> ProcessPoolExecutor | None:
     """A pool of ``n_jobs`` processes, or None to score in this process when one job is asked for.
 
     On Linux the workers are forked after the model is loaded and warmed up, so they share its pages (the
     coefficients alone are hundreds of MB) instead of each loading a copy; ``gc.freeze`` keeps the collector
-    from touching, and so copying, those pages (:func:`_stop_workers` unfreezes once the workers are gone). Elsewhere each
-    worker loads the model once in its initializer.
+    from touching, and so copying, those pages (:func:`_stop_workers` unfreezes once the workers are gone).
+    Elsewhere each worker loads the model once in its initializer.
     """
     if n_jobs <= 1:
         return None
@@ -774,8 +912,12 @@ def _start_workers(n_jobs: int, suggester: Suggester, model_dir, policy_path, sp
     else:
         context = mp.get_context("spawn")
         load_dir = str(model_dir)
-    executor = ProcessPoolExecutor(max_workers=n_jobs, mp_context=context, initializer=_init_worker,
-                                   initargs=(os.getpid(), load_dir, policy_path, spec, str(parts_dir), schema))
+    executor = ProcessPoolExecutor(
+        max_workers=n_jobs,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(os.getpid(), load_dir, policy_path, spec, str(parts_dir), schema),
+    )
     # Start every worker now, before this process starts threads of its own (progress bar, Arrow readers).
     for future in [executor.submit(os.getpid) for _ in range(n_jobs)]:
         future.result()
@@ -828,8 +970,13 @@ def _bundle_suggester(bundle: ModelBundle) -> Suggester:
     return suggester
 
 
-def _score_partition(frame: pd.DataFrame, bundle: ModelBundle, spec: ScoringSpec, places: list[tuple[str, int]],
-                     partition_info: dict | None = None) -> pd.DataFrame:
+def _score_partition(
+    frame: pd.DataFrame,
+    bundle: ModelBundle,
+    spec: ScoringSpec,
+    places: list[tuple[str, int]],
+    partition_info: dict | None = None,
+) -> pd.DataFrame:
     """Dask's per-partition call: the same :func:`score_chunk` as the local run."""
     number = partition_info["number"] if partition_info else 0
     source, offset = places[number] if places else ("input", 0)
@@ -885,9 +1032,17 @@ def connect(scheduler: str):
         raise ScoringError(f"--dask {scheduler}: cannot reach the scheduler ({error})") from None
 
 
-def score_dask(paths: Sequence[Path], loaded, suggester: Suggester, spec: ScoringSpec, out: Path, scheduler: str,
-               overwrite: bool = False, say: Callable[[str], None] | None = None,
-               layouts: dict[Path, Layout] | None = None) -> ScoreResult:
+def score_dask(
+    paths: Sequence[Path],
+    loaded,
+    suggester: Suggester,
+    spec: ScoringSpec,
+    out: Path,
+    scheduler: str,
+    overwrite: bool = False,
+    say: Callable[[str], None] | None = None,
+    layouts: dict[Path, Layout] | None = None,
+) -> ScoreResult:
     """Score with Dask: ``dask.dataframe`` over the inputs, :func:`score_chunk` per partition, Parquet out.
 
     The model file's bytes go to every worker once (``client.scatter(..., broadcast=True)``); each worker process
@@ -914,20 +1069,30 @@ def score_dask(paths: Sequence[Path], loaded, suggester: Suggester, spec: Scorin
     client, cluster = connect(scheduler)
     try:
         model_path = loaded.path / loaded.metadata["artifact"].get("file", "model.joblib")
-        bundle = ModelBundle(model_path.read_bytes(), loaded.metadata["artifact"]["sha256"], loaded.metadata,
-                             suggester.policy)
+        bundle = ModelBundle(
+            model_path.read_bytes(), loaded.metadata["artifact"]["sha256"], loaded.metadata, suggester.policy
+        )
         if hashlib.sha256(bundle.model_bytes).hexdigest() != bundle.sha256:
             raise ScoringError(f"{model_path} changed since it was loaded")
         shipped = client.scatter(bundle, broadcast=True)
-        say(f"Dask: {len(client.scheduler_info()['workers'])} workers at {client.scheduler.address}, "
-            f"{frame.npartitions} partitions; model {suggester.version} shipped once to each worker")
-        scored = frame.map_partitions(_score_partition, shipped, spec, places,
-                                      meta=empty_output(suggester, spec.keep_cols), align_dataframes=False)
+        say(
+            f"Dask: {len(client.scheduler_info()['workers'])} workers at {client.scheduler.address}, "
+            f"{frame.npartitions} partitions; model {suggester.version} shipped once to each worker"
+        )
+        scored = frame.map_partitions(
+            _score_partition,
+            shipped,
+            spec,
+            places,
+            meta=empty_output(suggester, spec.keep_cols),
+            align_dataframes=False,
+        )
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         with writing(out, "the scored output"):
-            scored.to_parquet(str(out), schema=output_schema(suggester, spec.keep_cols), write_index=False,
-                              compression="zstd")
+            scored.to_parquet(
+                str(out), schema=output_schema(suggester, spec.keep_cols), write_index=False, compression="zstd"
+            )
     finally:
         client.close()
         if cluster is not None:
@@ -939,9 +1104,16 @@ def score_dask(paths: Sequence[Path], loaded, suggester: Suggester, spec: Scorin
         column = pq.read_table(part, columns=["status"]).column("status").to_pylist()
         rows += len(column)
         status.update(column)
-    result = ScoreResult(out=out, rows=rows, chunks=frame.npartitions, resumed_chunks=0,
-                         seconds=time.perf_counter() - started, status=dict(status), model_version=suggester.version,
-                         jobs=0)
+    result = ScoreResult(
+        out=out,
+        rows=rows,
+        chunks=frame.npartitions,
+        resumed_chunks=0,
+        seconds=time.perf_counter() - started,
+        status=dict(status),
+        model_version=suggester.version,
+        jobs=0,
+    )
     for line in result.lines():
         say(line)
     return result

@@ -84,8 +84,14 @@ class Batch:
 class Suggester:
     """A loaded model plus a 责任清单: turns texts into suggestions."""
 
-    def __init__(self, model: TriageModel, policy: TriagePolicy, version: str = "unversioned",
-                 metadata: dict | None = None, review_rule: str | None = None) -> None:
+    def __init__(
+        self,
+        model: TriageModel,
+        policy: TriagePolicy,
+        version: str = "unversioned",
+        metadata: dict | None = None,
+        review_rule: str | None = None,
+    ) -> None:
         self.model = model
         self.policy = policy
         self.version = version
@@ -98,8 +104,12 @@ class Suggester:
             raise ValueError(f"review_rule must be one of {', '.join(REVIEW_RULES)}; got {self.review_rule!r}")
         without_sets = [name for name, head in model.heads.items() if getattr(head, "conformal", None) is None]
         if self.review_rule != "threshold" and without_sets:
-            log.warning("review rule %r: targets %s have no prediction sets (model trained before them); their "
-                        "review follows the confidence threshold", self.review_rule, without_sets)
+            log.warning(
+                "review rule %r: targets %s have no prediction sets (model trained before them); their "
+                "review follows the confidence threshold",
+                self.review_rule,
+                without_sets,
+            )
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, policy_path: str | None = None) -> Suggester:
@@ -117,8 +127,9 @@ class Suggester:
         """Predictions and policy conflicts for raw model texts; also returns the feature matrix."""
         predictions, X = self.model.predict(texts)
         if self.sanshi_target and self.unit_target:
-            conflict = self.policy.contradictions(predictions[self.sanshi_target].labels,
-                                                  predictions[self.unit_target].labels)
+            conflict = self.policy.contradictions(
+                predictions[self.sanshi_target].labels, predictions[self.unit_target].labels
+            )
         else:
             conflict = np.zeros(len(texts), dtype=bool)
         bound = frozenset(t for t in (self.sanshi_target, self.unit_target) if t)
@@ -126,13 +137,13 @@ class Suggester:
 
     # ------------------------------------------------------------------------------------------------ one by one
 
-    def suggest(self, records: Sequence[tuple[str | None, str]], top_k: int = 3,
-                explain: bool = True) -> list[dict]:
+    def suggest(self, records: Sequence[tuple[str | None, str]], top_k: int = 3, explain: bool = True) -> list[dict]:
         """Full suggestions for (title, text) pairs: everything a clerk's screen shows."""
         texts = [model_input(title, text) for title, text in records]
         batch, X = self.predict(texts)
-        reasons = {t: self.model.reason_terms(X, t, batch.predictions[t].index) if explain else None
-                   for t in self.targets}
+        reasons = {
+            t: self.model.reason_terms(X, t, batch.predictions[t].index) if explain else None for t in self.targets
+        }
         plausible = {t: batch.predictions[t].plausible for t in self.targets}
         low = {t: batch.low_confidence(t) for t in self.targets}
         ambiguous = {t: batch.ambiguous(t, plausible[t]) for t in self.targets}
@@ -162,16 +173,27 @@ class Suggester:
                 if target == self.sanshi_target:
                     item["sanshi"] = self.sanshi_fields(item["label"])
                 fields[target] = item
-            out.append({"fields": fields, "needs_review": any(f["needs_review"] for f in fields.values()),
-                        "policy_conflict": bool(batch.policy_conflict[row]), "model_version": self.version})
+            out.append(
+                {
+                    "fields": fields,
+                    "needs_review": any(f["needs_review"] for f in fields.values()),
+                    "policy_conflict": bool(batch.policy_conflict[row]),
+                    "model_version": self.version,
+                }
+            )
         return out
 
     def sanshi_fields(self, label: str) -> dict | None:
         info = self.policy.class_info(label)
         if info is None:
             return None
-        return {"colour": info.colour, "colour_hex": info.colour_hex, "handling_mode": info.handling_mode,
-                "handled_by": info.handled_by, "time_limit_days": info.time_limit_days}
+        return {
+            "colour": info.colour,
+            "colour_hex": info.colour_hex,
+            "handling_mode": info.handling_mode,
+            "handled_by": info.handled_by,
+            "time_limit_days": info.time_limit_days,
+        }
 
     # ------------------------------------------------------------------------------------------------ as columns
 
@@ -187,7 +209,8 @@ class Suggester:
             if target == self.sanshi_target:
                 info = {name: self.policy.class_info(name) for name in pred.classes}
                 columns[f"{target}_colour"] = [info[label].colour if info[label] else None for label in pred.labels]
-                columns[f"{target}_handling_mode"] = [info[label].handling_mode if info[label] else None
-                                                      for label in pred.labels]
+                columns[f"{target}_handling_mode"] = [
+                    info[label].handling_mode if info[label] else None for label in pred.labels
+                ]
         columns["policy_conflict"] = batch.policy_conflict
         return pd.DataFrame(columns)

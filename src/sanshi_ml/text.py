@@ -45,14 +45,26 @@ _MONTH_DAY = r"(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])"
 _PROVINCE_SECOND_DIGIT = r"(?:(?<=1)[1-5]|(?<=2)[1-3]|(?<=3)[1-7]|(?<=4)[1-6]|(?<=5)[0-4]|(?<=6)[1-5])"
 _PII_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     ("email", re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")),
-    ("id_card", re.compile(
-        rf"[1-9](?<![0-9].)(?:\d{{5}}(?:18|19|20)\d{{2}}{_MONTH_DAY}\d{{3}}[0-9Xx]"
-        rf"|{_PROVINCE_SECOND_DIGIT}\d{{6}}{_MONTH_DAY}\d{{3}})(?![0-9])")),
-    ("mobile", re.compile(
-        rf"\+(?<![0-9].)86[- ]?1{_MOBILE_TAIL}|8(?<![0-9].)6[- ]?1{_MOBILE_TAIL}|1(?<![0-9].){_MOBILE_TAIL}")),
+    (
+        "id_card",
+        re.compile(
+            rf"[1-9](?<![0-9].)(?:\d{{5}}(?:18|19|20)\d{{2}}{_MONTH_DAY}\d{{3}}[0-9Xx]"
+            rf"|{_PROVINCE_SECOND_DIGIT}\d{{6}}{_MONTH_DAY}\d{{3}})(?![0-9])"
+        ),
+    ),
+    (
+        "mobile",
+        re.compile(
+            rf"\+(?<![0-9].)86[- ]?1{_MOBILE_TAIL}|8(?<![0-9].)6[- ]?1{_MOBILE_TAIL}|1(?<![0-9].){_MOBILE_TAIL}"
+        ),
+    ),
     ("landline", re.compile(rf"\((?<![0-9].)0\d{{2,3}}\){_LANDLINE_TAIL}|0(?<![0-9].)\d{{2,3}}{_LANDLINE_TAIL}")),
-    ("plate", re.compile(
-        r"[京津沪渝冀豫云辽黑湘皖鲁新苏浙赣鄂桂甘晋蒙陕吉闽贵粤青藏川宁琼][A-Za-z][·.]?[A-Za-z0-9]{5,6}(?![A-Za-z0-9])")),
+    (
+        "plate",
+        re.compile(
+            r"[京津沪渝冀豫云辽黑湘皖鲁新苏浙赣鄂桂甘晋蒙陕吉闽贵粤青藏川宁琼][A-Za-z][·.]?[A-Za-z0-9]{5,6}(?![A-Za-z0-9])"
+        ),
+    ),
 ]
 
 # Characters that show as nothing (Unicode's Default_Ignorable_Code_Point: soft hyphen, zero-width space, non-joiner
@@ -60,9 +72,11 @@ _PII_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
 # number a reader sees the number whole while the patterns see two halves, so mask_pii first removes every run of
 # them that touches a character personal data is written with (a digit, an ASCII letter, @ . + - _ % ( ) ·);
 # elsewhere, between Chinese characters or inside an emoji sequence, they are left alone.
-_INVISIBLE_CHARS = ("\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f"
-                    "\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
-                    "\U000e0000-\U000e0fff")
+_INVISIBLE_CHARS = (
+    "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f"
+    "\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+    "\U000e0000-\U000e0fff"
+)
 _INVISIBLE = re.compile(f"[{_INVISIBLE_CHARS}]")
 _PII_NEIGHBOUR = r"[\dA-Za-z@.+\-_%()·]"
 _INVISIBLE_IN_PII = re.compile(f"(?<={_PII_NEIGHBOUR})[{_INVISIBLE_CHARS}]+|[{_INVISIBLE_CHARS}]+(?={_PII_NEIGHBOUR})")
@@ -78,15 +92,17 @@ def _re2_class(chars: str) -> str:
 # form here, and every text holding an invisible character is a candidate, so in a text with no loose match no
 # pattern matches, nothing is removed, none of mask_pii's substitutions happens, and the text comes out unchanged.
 # tests/code/test_fast_paths.py checks it on random strings.
-_PII_CANDIDATE = "|".join([
-    "@",
-    r"[1-9]\p{Nd}{5}(?:18|19|20)\p{Nd}{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\p{Nd}|3[01])\p{Nd}{3}[0-9Xx]",
-    r"[1-6]\p{Nd}{7}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\p{Nd}|3[01])\p{Nd}{3}",
-    r"1[3-9]\p{Nd}(?:[-. ]{0,3}\p{Nd}{4}){2}",
-    r"0\p{Nd}{2,3}\)?[- ]?[2-9]\p{Nd}{6}",
-    r"[京津沪渝冀豫云辽黑湘皖鲁新苏浙赣鄂桂甘晋蒙陕吉闽贵粤青藏川宁琼][A-Za-z][·.]?[A-Za-z0-9]{5}",
-    f"[{_re2_class(_INVISIBLE_CHARS)}]",
-])
+_PII_CANDIDATE = "|".join(
+    [
+        "@",
+        r"[1-9]\p{Nd}{5}(?:18|19|20)\p{Nd}{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\p{Nd}|3[01])\p{Nd}{3}[0-9Xx]",
+        r"[1-6]\p{Nd}{7}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\p{Nd}|3[01])\p{Nd}{3}",
+        r"1[3-9]\p{Nd}(?:[-. ]{0,3}\p{Nd}{4}){2}",
+        r"0\p{Nd}{2,3}\)?[- ]?[2-9]\p{Nd}{6}",
+        r"[京津沪渝冀豫云辽黑湘皖鲁新苏浙赣鄂桂甘晋蒙陕吉闽贵粤青藏川宁琼][A-Za-z][·.]?[A-Za-z0-9]{5}",
+        f"[{_re2_class(_INVISIBLE_CHARS)}]",
+    ]
+)
 
 _HTML_COMMENT = re.compile(r"<!--.*?-->", re.S)
 # Only things shaped like tags are removed, so a stray "<" in a resident's text survives.
@@ -134,8 +150,9 @@ def normalize(text: str, *, to_simplified: bool = True, pii: bool = True, lowerc
     return normalize_many([text], to_simplified=to_simplified, pii=pii, lowercase=lowercase)[0]
 
 
-def normalize_many(texts: Sequence[str], *, to_simplified: bool = True, pii: bool = True,
-                   lowercase: bool = True) -> list[str]:
+def normalize_many(
+    texts: Sequence[str], *, to_simplified: bool = True, pii: bool = True, lowercase: bool = True
+) -> list[str]:
     """:func:`normalize` for a batch, text for text the same result, with NFKC and the search for personal data
     done array at a time."""
     texts = [strip_html(text) for text in nfkc_many(texts)]
@@ -330,8 +347,9 @@ def mark_titles(texts: Sequence[str]) -> list[str]:
     normalised and cut at once and the title's tokens still be told apart (those before the mark). A mark already in
     a text (private-use characters do turn up in old exports) becomes a space, which cuts the text the same way."""
     marked = f" {TITLE_MARK} "
-    return [(text.replace(TITLE_MARK, " ") if TITLE_MARK in text else text).replace(TITLE_END, marked, 1)
-            for text in texts]
+    return [
+        (text.replace(TITLE_MARK, " ") if TITLE_MARK in text else text).replace(TITLE_END, marked, 1) for text in texts
+    ]
 
 
 def _read_word_list(path: str | Path) -> list[str]:
@@ -388,8 +406,13 @@ class Segmenter:
     the stopwords-iso release, differ or are missing.
     """
 
-    def __init__(self, backend: str = "rjieba", user_dict: str | None = BUILTIN,
-                 stopwords: str | None = BUILTIN, keep_only: Iterable[str] | None = None) -> None:
+    def __init__(
+        self,
+        backend: str = "rjieba",
+        user_dict: str | None = BUILTIN,
+        stopwords: str | None = BUILTIN,
+        keep_only: Iterable[str] | None = None,
+    ) -> None:
         if backend not in ("rjieba", "jieba"):
             raise ValueError(f"unknown segmentation backend {backend!r}: use 'rjieba' or 'jieba'")
         self.backend = backend
@@ -399,7 +422,8 @@ class Segmenter:
         # among them) are dropped so that n-grams form across the same neighbours as in training.
         self.keep_only = frozenset(keep_only) if keep_only is not None else None
         self.user_entries: list[tuple[str, int | None, str | None]] | None = _user_dict_entries(
-            user_dict_path(user_dict))
+            user_dict_path(user_dict)
+        )
         self.stopword_list: tuple[str, ...] | None = tuple(sorted(load_stopwords(stopwords)))
         self._cut = None
         self._stopwords: frozenset[str] | None = None
@@ -440,8 +464,9 @@ class Segmenter:
             for word, freq, tag in entries:
                 engine.add_word(word, freq, tag)
             self._cut = lambda text: engine.lcut(text, HMM=True)
-        self._stopwords = (load_stopwords(self.stopwords_spec) if self.stopword_list is None
-                           else frozenset(self.stopword_list))
+        self._stopwords = (
+            load_stopwords(self.stopwords_spec) if self.stopword_list is None else frozenset(self.stopword_list)
+        )
 
     def raw_cut(self, text: str) -> list[str]:
         """The backend's tokens, nothing removed."""
@@ -505,7 +530,7 @@ class Segmenter:
     def split_joined(tokens: list[str], separators: list[int]) -> list[list[str]]:
         """Each text's raw tokens from :meth:`raw_cut_joined`'s output (the separators left out)."""
         bounds = [-1, *separators, len(tokens)]
-        return [tokens[start + 1:end] for start, end in zip(bounds, bounds[1:])]
+        return [tokens[start + 1 : end] for start, end in zip(bounds, bounds[1:])]
 
     def cut_many(self, texts: Sequence[str]) -> list[list[str]]:
         """:meth:`cut` for each normalised text."""

@@ -55,8 +55,10 @@ TAG_GIT_COMMIT = "git_commit"
 TAG_MODEL_SHA = "model_sha256"
 TAG_MODEL_URI = "sanshi_model_uri"  # models:/<logged model id> of the run's pyfunc model
 # Input example of the logged model: two requests of the kind the demo answers (fictional, no personal data).
-EXAMPLE_REQUESTS = [("电梯坏了", "A3区青青家园小区的电梯坏了一个多月，物业一直不修"),
-                    (None, "楼上邻居每天深夜拖动家具，噪音太大，沟通无果")]
+EXAMPLE_REQUESTS = [
+    ("电梯坏了", "A3区青青家园小区的电梯坏了一个多月，物业一直不修"),
+    (None, "楼上邻居每天深夜拖动家具，噪音太大，沟通无果"),
+]
 _PYFUNC_CODE = Path(__file__).parent / "resources" / "mlflow_pyfunc_model.py"
 _REQUIREMENTS = ("scikit-learn", "numpy", "scipy", "pandas", "joblib", "rjieba", "jieba", "opencc")
 # MLflow accepts word characters, '.', '-', '/', ' ' and ':' in metric names (':' not on Windows); the rest of a
@@ -80,19 +82,21 @@ def tracking_uri(params: Params | None = None) -> str:
     uri = (params.tracking.uri if params is not None else None) or os.environ.get("MLFLOW_TRACKING_URI") or ""
     uri = uri.strip() or f"sqlite:///{DEFAULT_STORE}"
     if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
+        path = uri[len("sqlite:///") :]
         if path and path != ":memory:" and not path.startswith("/"):
             uri = "sqlite:///" + str((Path.cwd() / path).resolve())
         return uri
     if "://" not in uri or uri.startswith("file:"):
-        raise TrackingError(f"tracking URI {uri!r} is MLflow's deprecated file store; use a SQLite store such as "
-                            "sqlite:///mlflow.db (tracking.uri in params.yaml or MLFLOW_TRACKING_URI)")
+        raise TrackingError(
+            f"tracking URI {uri!r} is MLflow's deprecated file store; use a SQLite store such as "
+            "sqlite:///mlflow.db (tracking.uri in params.yaml or MLFLOW_TRACKING_URI)"
+        )
     return uri
 
 
 def _sqlite_path(uri: str) -> Path | None:
     if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
-        return Path(uri[len("sqlite:///"):])
+        return Path(uri[len("sqlite:///") :])
     return None
 
 
@@ -116,8 +120,10 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
         location = (db.parent / "mlartifacts").resolve().as_uri() if db is not None else None
         return client.create_experiment(name, artifact_location=location)
     if experiment.lifecycle_stage != "active":
-        raise TrackingError(f"experiment {name!r} is deleted in {client.tracking_uri}; restore it "
-                            "(mlflow experiments restore) or set tracking.experiment to another name")
+        raise TrackingError(
+            f"experiment {name!r} is deleted in {client.tracking_uri}; restore it "
+            "(mlflow experiments restore) or set tracking.experiment to another name"
+        )
     return experiment.experiment_id
 
 
@@ -156,8 +162,20 @@ def run_metrics(metrics: dict) -> dict[str, float]:
             out[metric_key(*parts)] = float(value)
 
     for target, m in metrics.items():
-        for key in ("accuracy", "macro_f1", "weighted_f1", "ece", "ece_uncalibrated", "threshold",
-                    "coverage_at_threshold", "accuracy_at_threshold", "n", "n_accepted", "aurc", "aurc_optimal"):
+        for key in (
+            "accuracy",
+            "macro_f1",
+            "weighted_f1",
+            "ece",
+            "ece_uncalibrated",
+            "threshold",
+            "coverage_at_threshold",
+            "accuracy_at_threshold",
+            "n",
+            "n_accepted",
+            "aurc",
+            "aurc_optimal",
+        ):
             put(m.get(key), target, key)
         # Selective prediction and prediction sets: category.accuracy_at_coverage.0.9, category.conformal.coverage …
         for group in ("accuracy_at_coverage", "coverage_at_accuracy", "conformal"):
@@ -176,8 +194,9 @@ def pip_requirements() -> list[str]:
     """Pinned requirements of the logged model (given explicitly: MLflow's inference would load the model in a
     subprocess). sanshi-ml itself is not on PyPI; the loading environment installs it from the repository."""
     versions = library_versions()
-    pins = [f"{name}=={versions[name]}" for name in _REQUIREMENTS if versions.get(name, "not installed")
-            != "not installed"]
+    pins = [
+        f"{name}=={versions[name]}" for name in _REQUIREMENTS if versions.get(name, "not installed") != "not installed"
+    ]
     return [f"mlflow=={mlflow.__version__}", *pins]
 
 
@@ -202,8 +221,10 @@ class SanshiTriageModel(mlflow.pyfunc.PythonModel):
         if "text" not in frame:
             raise TrackingError("input needs a 'text' column (and optionally 'title')")
         titles = frame["title"] if "title" in frame else [None] * len(frame)
-        texts = [input_string(t if isinstance(t, str) else None, x if isinstance(x, str) else "")
-                 for t, x in zip(titles, frame["text"])]
+        texts = [
+            input_string(t if isinstance(t, str) else None, x if isinstance(x, str) else "")
+            for t, x in zip(titles, frame["text"])
+        ]
         return self.suggester.score_frame(texts)
 
 
@@ -260,10 +281,17 @@ def _log_model(result: TrainResult, run_id: str, work: Path) -> str:
     probe.suggester = Suggester.from_loaded(LoadedModel(result.model, metadata, bundle))
     signature = _signature(probe.predict(None, example))
     info = mlflow.pyfunc.log_model(
-        name=MODEL_ARTIFACT, python_model=str(_PYFUNC_CODE), artifacts={SANSHI_ARTIFACT: str(bundle)},
-        signature=signature, input_example=example, pip_requirements=pip_requirements(),
-        metadata={"sanshi_model_version": metadata["artifact"]["sha256"][:12],
-                  TAG_DATA_SHA: metadata.get("data", {}).get("sha256")})
+        name=MODEL_ARTIFACT,
+        python_model=str(_PYFUNC_CODE),
+        artifacts={SANSHI_ARTIFACT: str(bundle)},
+        signature=signature,
+        input_example=example,
+        pip_requirements=pip_requirements(),
+        metadata={
+            "sanshi_model_version": metadata["artifact"]["sha256"][:12],
+            TAG_DATA_SHA: metadata.get("data", {}).get("sha256"),
+        },
+    )
     return info.model_uri
 
 
@@ -280,32 +308,58 @@ def log_training_run(result: TrainResult, params: Params) -> str:
     experiment_id = _experiment_id(client, params.tracking.experiment)
     meta = result.metadata
     data = meta.get("data", {})
-    tags = {TAG_DATA_SHA: data.get("sha256") or "", TAG_GIT_COMMIT: meta.get("git_commit") or "unknown",
-            TAG_MODEL_SHA: meta["artifact"]["sha256"], "model_dir": str(result.model_dir),
-            "data_sources": json.dumps(data.get("sources", []), ensure_ascii=False),
-            "sanshi_ml_version": meta.get("libraries", {}).get("sanshi-ml", ""),
-            TAG_METRICS_SOURCE: meta["estimate"]["source"] + (" + holdout" if result.holdout else "")}
+    tags = {
+        TAG_DATA_SHA: data.get("sha256") or "",
+        TAG_GIT_COMMIT: meta.get("git_commit") or "unknown",
+        TAG_MODEL_SHA: meta["artifact"]["sha256"],
+        "model_dir": str(result.model_dir),
+        "data_sources": json.dumps(data.get("sources", []), ensure_ascii=False),
+        "sanshi_ml_version": meta.get("libraries", {}).get("sanshi-ml", ""),
+        TAG_METRICS_SOURCE: meta["estimate"]["source"] + (" + holdout" if result.holdout else ""),
+    }
     run_name = f"{Path(result.model_dir).name}-C{params.train.C:g}-{meta['artifact']['sha256'][:8]}"
     with _mlflow_errors(params), mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         run_id = run.info.run_id
         mlflow.log_params(flatten_params(params))
         metrics = run_metrics(result.metrics)
         if result.holdout is not None:
-            metrics.update({metric_key(HOLDOUT_PREFIX, key): value
-                            for key, value in run_metrics(result.holdout.metrics).items()})
+            metrics.update(
+                {metric_key(HOLDOUT_PREFIX, key): value for key, value in run_metrics(result.holdout.metrics).items()}
+            )
         mlflow.log_metrics(metrics)
-        mlflow.log_dict({"data": data, "targets": meta.get("targets", {}), "policy": meta.get("policy"),
-                         "estimate": meta.get("estimate"), "holdout": meta.get("holdout")}, "training_summary.json")
+        mlflow.log_dict(
+            {
+                "data": data,
+                "targets": meta.get("targets", {}),
+                "policy": meta.get("policy"),
+                "estimate": meta.get("estimate"),
+                "holdout": meta.get("holdout"),
+            },
+            "training_summary.json",
+        )
         with tempfile.TemporaryDirectory(prefix="sanshi-mlflow-") as tmp:
             report_dir = Path(tmp) / REPORT_ARTIFACT
-            write_report(result.metrics, result.records, result.estimate.predictions, report_dir,
-                         {"source": meta["estimate"]["source"], "scope": meta["estimate"]["description"],
-                          "data_sha256": data.get("sha256")})
+            write_report(
+                result.metrics,
+                result.records,
+                result.estimate.predictions,
+                report_dir,
+                {
+                    "source": meta["estimate"]["source"],
+                    "scope": meta["estimate"]["description"],
+                    "data_sha256": data.get("sha256"),
+                },
+            )
             mlflow.log_artifacts(str(report_dir), REPORT_ARTIFACT)
             if result.holdout is not None:
                 holdout_dir = Path(tmp) / HOLDOUT_ARTIFACT
-                write_report(result.holdout.metrics, result.holdout.records, result.holdout.predictions, holdout_dir,
-                             {"source": meta["holdout"]["source"], "scope": meta["holdout"]["description"]})
+                write_report(
+                    result.holdout.metrics,
+                    result.holdout.records,
+                    result.holdout.predictions,
+                    holdout_dir,
+                    {"source": meta["holdout"]["source"], "scope": meta["holdout"]["description"]},
+                )
                 mlflow.log_artifacts(str(holdout_dir), HOLDOUT_ARTIFACT)
             with _quiet_downloads():
                 mlflow.set_tag(TAG_MODEL_URI, _log_model(result, run_id, Path(tmp)))
@@ -321,12 +375,24 @@ class TuningLog:
         with _mlflow_errors(params):
             self.client = _client(params)
             self.experiment_id = _experiment_id(self.client, params.tracking.experiment)
-            run = self.client.create_run(self.experiment_id, run_name=f"tune-{target}-cv{cv}",
-                                         tags={"sanshi.kind": "tune", "tune.target": target})
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"tune-{target}-cv{cv}",
+                tags={"sanshi.kind": "tune", "tune.target": target},
+            )
             self.parent_id = run.info.run_id
-            self.client.log_batch(self.parent_id, params=[Param(k, v) for k, v in {
-                "tune.target": target, "tune.cv": str(cv), "tune.n_settings": str(n_settings),
-                "tune.space": json.dumps(params.tune.space, ensure_ascii=False)}.items()])
+            self.client.log_batch(
+                self.parent_id,
+                params=[
+                    Param(k, v)
+                    for k, v in {
+                        "tune.target": target,
+                        "tune.cv": str(cv),
+                        "tune.n_settings": str(n_settings),
+                        "tune.space": json.dumps(params.tune.space, ensure_ascii=False),
+                    }.items()
+                ],
+            )
 
     def log_trial(self, trial, trial_params: Params, cv_result: dict) -> str:
         """A nested run with the trial's full params and its per-target CV metrics (mean, sd and per fold)."""
@@ -340,21 +406,30 @@ class TuningLog:
                 for fold, value in enumerate(stats.get("folds", [])):
                     metrics.append(Metric(metric_key("cv", target, key, "fold"), float(value), now, fold))
         with _mlflow_errors(self.params):
-            run = self.client.create_run(self.experiment_id, tags={MLFLOW_PARENT_RUN_ID: self.parent_id,
-                                                                   MLFLOW_RUN_NAME: f"trial-{trial.number}",
-                                                                   "sanshi.kind": "tune-trial",
-                                                                   "tune.setting": trial.description})
+            run = self.client.create_run(
+                self.experiment_id,
+                tags={
+                    MLFLOW_PARENT_RUN_ID: self.parent_id,
+                    MLFLOW_RUN_NAME: f"trial-{trial.number}",
+                    "sanshi.kind": "tune-trial",
+                    "tune.setting": trial.description,
+                },
+            )
             run_id = run.info.run_id
-            self.client.log_batch(run_id, metrics=metrics,
-                                  params=[Param(k, v) for k, v in flatten_params(trial_params).items()])
+            self.client.log_batch(
+                run_id, metrics=metrics, params=[Param(k, v) for k, v in flatten_params(trial_params).items()]
+            )
             self.client.set_terminated(run_id)
         return run_id
 
     def finish(self, best) -> str:
         """Record the best setting on the parent run and close it; returns the parent run's id."""
         if best is not None:
-            tags = [RunTag("tune.best_trial", str(best.number)), RunTag("tune.best_run_id", best.run_id or ""),
-                    RunTag("tune.best_setting", json.dumps(best.setting, ensure_ascii=False, default=str))]
+            tags = [
+                RunTag("tune.best_trial", str(best.number)),
+                RunTag("tune.best_run_id", best.run_id or ""),
+                RunTag("tune.best_setting", json.dumps(best.setting, ensure_ascii=False, default=str)),
+            ]
             self.client.log_batch(self.parent_id, tags=tags)
         self.client.set_terminated(self.parent_id, status="FINISHED" if best is not None else "FAILED")
         return self.parent_id
@@ -370,17 +445,22 @@ def best_run(params: Params, metric: str, lowest: bool = False) -> str:
     if experiment is None:
         raise TrackingError(f"no experiment {params.tracking.experiment!r} in {client.tracking_uri}: train first")
     key = metric_key(*metric.split("."))
-    runs = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'FINISHED'",
-                              order_by=[f"metrics.`{key}` {'ASC' if lowest else 'DESC'}"], max_results=50)
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string="attributes.status = 'FINISHED'",
+        order_by=[f"metrics.`{key}` {'ASC' if lowest else 'DESC'}"],
+        max_results=50,
+    )
     runs = [r for r in runs if key in r.data.metrics]
     if not runs:
-        raise TrackingError(f"no finished run in experiment {params.tracking.experiment!r} has the metric {key!r} "
-                            f"(metrics look like category.macro_f1 or sanshi.f1.公事)")
+        raise TrackingError(
+            f"no finished run in experiment {params.tracking.experiment!r} has the metric {key!r} "
+            f"(metrics look like category.macro_f1 or sanshi.f1.公事)"
+        )
     return runs[0].info.run_id
 
 
-def promote(run_id: str | None, params: Params, best_metric: str | None = None,
-            lowest: bool = False) -> ModelVersion:
+def promote(run_id: str | None, params: Params, best_metric: str | None = None, lowest: bool = False) -> ModelVersion:
     """Register a run's model as ``params.tracking.registered_model`` and move the alias to the new version.
 
     Give ``run_id``, or ``best_metric`` (e.g. ``category.macro_f1``) to pick the best finished run.

@@ -61,8 +61,10 @@ class TuneResult:
         for rank, trial in enumerate(self.trials, start=1):
             s = trial.scores[self.target]
             sd = f" ± {s['macro_f1_std']:.4f}" if s["macro_f1_std"] is not None else ""
-            out.append(f"{rank:>3}. macro-F1 {s['macro_f1_mean']:.4f}{sd}  accuracy {s['accuracy_mean']:.4f}  "
-                       f"{trial.seconds:.0f}s  {trial.description}")
+            out.append(
+                f"{rank:>3}. macro-F1 {s['macro_f1_mean']:.4f}{sd}  accuracy {s['accuracy_mean']:.4f}  "
+                f"{trial.seconds:.0f}s  {trial.description}"
+            )
         return out
 
 
@@ -99,9 +101,16 @@ def candidate_settings(space: dict[str, list], n_trials: int, seed: int) -> list
     return list(ParameterSampler(space, n_iter=n_trials, random_state=seed))
 
 
-def tune(records: RecordSet, params: Params, *, target: str | None = None, cv: int | None = None,
-         n_trials: int | None = None, track: bool | None = None,
-         progress: Callable[[str], None] | None = None) -> TuneResult:
+def tune(
+    records: RecordSet,
+    params: Params,
+    *,
+    target: str | None = None,
+    cv: int | None = None,
+    n_trials: int | None = None,
+    track: bool | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> TuneResult:
     """Cross-validate every candidate setting of ``params.tune.space`` and rank them by ``target``'s macro-F1."""
     say = progress or log.info
     cfg = params.tune
@@ -127,14 +136,20 @@ def tune(records: RecordSet, params: Params, *, target: str | None = None, cv: i
             say(f"setting {number}/{len(candidates)}: {_describe(setting)}")
             started = time.perf_counter()
             result = cross_validate(
-                records, lambda p=trial_params: TriageModel(p.text, p.features, p.train), cv,
-                seed=trial_params.split.seed, stratify_target=stratify,
-                progress=lambda message: say("  " + message))
+                records,
+                lambda p=trial_params: TriageModel(p.text, p.features, p.train),
+                cv,
+                seed=trial_params.split.seed,
+                stratify_target=stratify,
+                progress=lambda message: say("  " + message),
+            )
             trial = Trial(number, setting, _cv_scores(result), time.perf_counter() - started)
             trials.append(trial)
             s = trial.scores[target]
-            say(f"  {target} macro-F1 {s['macro_f1_mean']:.4f}, accuracy {s['accuracy_mean']:.4f} "
-                f"({trial.seconds:.0f}s)")
+            say(
+                f"  {target} macro-F1 {s['macro_f1_mean']:.4f}, accuracy {s['accuracy_mean']:.4f} "
+                f"({trial.seconds:.0f}s)"
+            )
             if logger is not None:
                 trial.run_id = logger.log_trial(trial, trial_params, result)
     except BaseException:
@@ -149,8 +164,9 @@ def tune(records: RecordSet, params: Params, *, target: str | None = None, cv: i
 def _cv_scores(result: dict) -> dict[str, dict[str, float | None]]:
     out = {}
     for target, metrics in result["targets"].items():
-        out[target] = {f"{key}_{stat}": metrics[key][stat] for key in ("macro_f1", "accuracy")
-                       for stat in ("mean", "std")}
+        out[target] = {
+            f"{key}_{stat}": metrics[key][stat] for key in ("macro_f1", "accuracy") for stat in ("mean", "std")
+        }
     return out
 
 
@@ -160,8 +176,9 @@ def write_best(result: TuneResult, params: Params, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     best = apply_setting(params, result.best.setting)
     s = result.best.scores[result.target]
-    header = (f"# Written by sanshi-ml tune: the best of {len(result.trials)} settings by {result.target} "
-              f"cross-validated macro-F1 {s['macro_f1_mean']:.4f}\n# setting: {result.best.description}\n")
-    path.write_text(header + yaml.safe_dump(best.model_dump(), allow_unicode=True, sort_keys=False),
-                    encoding="utf-8")
+    header = (
+        f"# Written by sanshi-ml tune: the best of {len(result.trials)} settings by {result.target} "
+        f"cross-validated macro-F1 {s['macro_f1_mean']:.4f}\n# setting: {result.best.description}\n"
+    )
+    path.write_text(header + yaml.safe_dump(best.model_dump(), allow_unicode=True, sort_keys=False), encoding="utf-8")
     return path

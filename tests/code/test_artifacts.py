@@ -117,8 +117,14 @@ def test_vocabularies_are_packed_for_fast_loading_and_restored_exactly(demo_mode
     expected, _ = model.predict(texts)
     clone = pickle.loads(pickle.dumps(model))
     old_layout = TriageModel.__new__(TriageModel)  # an artifact saved before packing: plain dicts and arrays
-    old_layout.__setstate__({**model.__getstate__(), "vectorizer": model.vectorizer,
-                             "title_vectorizer": model.title_vectorizer, "word_names": model.word_names})
+    old_layout.__setstate__(
+        {
+            **model.__getstate__(),
+            "vectorizer": model.vectorizer,
+            "title_vectorizer": model.title_vectorizer,
+            "word_names": model.word_names,
+        }
+    )
     for other in (clone, old_layout):
         for name in ("vectorizer", "title_vectorizer"):
             pairs = zip(getattr(model, name).transformer_list, getattr(other, name).transformer_list)
@@ -186,8 +192,11 @@ def no_key(monkeypatch):
 def test_a_pickle_that_runs_code_is_refused_even_with_a_recomputed_sha256(model_copy, tmp_path, no_key, payload):
     marker = tmp_path / "ran"
     evil = _RunsCode(marker)
-    obj = {"top level": evil, "nested object array": {"labels": np.array(["公事", evil], dtype=object)},
-           "inside a dict": {"model": [1, 2, {"x": evil}]}}[payload]
+    obj = {
+        "top level": evil,
+        "nested object array": {"labels": np.array(["公事", evil], dtype=object)},
+        "inside a dict": {"model": [1, 2, {"x": evil}]},
+    }[payload]
     _plant(model_copy, obj)
     with pytest.raises(ArtifactError, match="posix.system, which a sanshi-ml model never holds"):
         load_model(model_copy)
@@ -218,8 +227,10 @@ def test_the_bytes_hashed_are_the_bytes_unpickled(model_copy, tmp_path, monkeypa
     assert type(loaded.model).__name__ == "TriageModel" and not marker.exists()
 
 
-@pytest.mark.parametrize("name", ["../elsewhere/model.joblib", "/tmp/model.joblib", "sub/model.joblib", "..",
-                                  "..\\elsewhere\\model.joblib", ""])
+@pytest.mark.parametrize(
+    "name",
+    ["../elsewhere/model.joblib", "/tmp/model.joblib", "sub/model.joblib", "..", "..\\elsewhere\\model.joblib", ""],
+)
 def test_the_metadata_cannot_point_the_model_file_outside_its_directory(model_copy, tmp_path, name, no_key):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -333,8 +344,12 @@ def test_every_estimator_a_setting_can_put_in_a_model_passes_the_allow_list():
 
     X = np.random.default_rng(0).normal(size=(60, 4))
     y = np.array(["公事", "共事", "家事"] * 20, dtype=object)
-    parts = [LogisticRegression().fit(X, y), SGDClassifier(loss="modified_huber").fit(X, y),
-             IsotonicRegression().fit(X[:, 0], X[:, 1]), Segmenter(keep_only=["电梯", "物业"])]
+    parts = [
+        LogisticRegression().fit(X, y),
+        SGDClassifier(loss="modified_huber").fit(X, y),
+        IsotonicRegression().fit(X[:, 0], X[:, 1]),
+        Segmenter(keep_only=["电梯", "物业"]),
+    ]
     for method in ("sigmoid", "isotonic", "temperature"):
         parts.append(CalibratedClassifierCV(LinearSVC(), method=method, cv=2).fit(X, y))
     import io
@@ -345,8 +360,7 @@ def test_every_estimator_a_setting_can_put_in_a_model_passes_the_allow_list():
     assert [type(p).__name__ for p in restored] == [type(p).__name__ for p in parts]
 
 
-def test_a_directory_written_by_sanshi_ml_before_signatures_still_loads(demo_model_dir, tmp_path, monkeypatch,
-                                                                        no_key):
+def test_a_directory_written_by_sanshi_ml_before_signatures_still_loads(demo_model_dir, tmp_path, monkeypatch, no_key):
     # The layout every earlier release wrote: model.joblib (joblib, lz4) and metadata.json, format 1, no signature.
     old = tmp_path / "old"
     old.mkdir()
@@ -354,8 +368,11 @@ def test_a_directory_written_by_sanshi_ml_before_signatures_still_loads(demo_mod
     joblib.dump(model, old / "model.joblib", compress=("lz4", 3))
     meta = {k: v for k, v in read_metadata(demo_model_dir).items() if k != "signature"}
     meta["format_version"] = 1
-    meta["artifact"] = {"file": "model.joblib", "sha256": sha256_file(old / "model.joblib"),
-                        "bytes": (old / "model.joblib").stat().st_size}
+    meta["artifact"] = {
+        "file": "model.joblib",
+        "sha256": sha256_file(old / "model.joblib"),
+        "bytes": (old / "model.joblib").stat().st_size,
+    }
     (old / "metadata.json").write_text(json.dumps(meta, ensure_ascii=False))
     for record in (meta.get("estimate"), meta.get("holdout")):
         if record:
@@ -370,8 +387,7 @@ def test_a_directory_written_by_sanshi_ml_before_signatures_still_loads(demo_mod
     assert load_model(old).version == loaded.version
 
 
-def test_with_a_key_a_model_signed_with_it_loads_and_a_consistent_forgery_does_not(model_copy, monkeypatch,
-                                                                                  no_key):
+def test_with_a_key_a_model_signed_with_it_loads_and_a_consistent_forgery_does_not(model_copy, monkeypatch, no_key):
     monkeypatch.setenv(artifacts.KEY_ENV, KEY)
     artifacts.sign_model(model_copy)
     model = load_model(model_copy).model
@@ -385,14 +401,14 @@ def test_with_a_key_a_model_signed_with_it_loads_and_a_consistent_forgery_does_n
         load_model(model_copy)
 
 
-def test_training_with_a_key_signs_and_unsigned_models_are_refused_when_required(model_copy, tmp_path,
-                                                                                  monkeypatch, no_key):
+def test_training_with_a_key_signs_and_unsigned_models_are_refused_when_required(
+    model_copy, tmp_path, monkeypatch, no_key
+):
     model = load_model(model_copy).model
     key_file = tmp_path / "model.key"
     key_file.write_text(KEY)
     monkeypatch.setenv(artifacts.KEY_FILE_ENV, str(key_file))
-    metadata = artifacts.save_model(model, tmp_path / "signed",
-                                    {"policy": read_metadata(model_copy)["policy"]})
+    metadata = artifacts.save_model(model, tmp_path / "signed", {"policy": read_metadata(model_copy)["policy"]})
     assert metadata["signature"]["algorithm"] == "hmac-sha256"
     assert load_model(tmp_path / "signed").version == metadata["artifact"]["sha256"][:12]
     artifacts.update_metadata(tmp_path / "signed", mlflow_run_id="abc")  # later fields keep the signature valid

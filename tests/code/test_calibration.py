@@ -64,6 +64,7 @@ def test_fold_models_get_the_final_models_regularisation_per_row():
     sgd = _fold_classifier(sgd_cfg, n_rows=1000, n_fold_rows=800.0)
     # SGD's alpha is already per row: the fold's equals the final model's
     from sanshi_ml.model import _base_classifier
+
     final = _base_classifier(sgd_cfg, n_rows=1000)
     assert isinstance(sgd, SGDClassifier) and sgd.alpha == pytest.approx(final.alpha)
 
@@ -75,7 +76,7 @@ def _bent(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Confidences whose true chance of being right is bent: over-confident in the middle, under at the top."""
     rng = np.random.default_rng(seed)
     confidence = rng.uniform(0.2, 1.0, n)
-    chance = np.clip(0.2 + (confidence - 0.2) ** 1.8 / 0.8 ** 0.8, 0, 1)
+    chance = np.clip(0.2 + (confidence - 0.2) ** 1.8 / 0.8**0.8, 0, 1)
     return confidence, rng.uniform(size=n) < chance
 
 

@@ -15,15 +15,27 @@ CLI = [str(Path(sys.executable).with_name("sanshi-ml"))]
 
 def run(*args: str, cwd: Path = REPO, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "MLFLOW_TRACKING_URI": "sqlite:////nonexistent/never-used.db"}
-    return subprocess.run(CLI + list(args), cwd=cwd, capture_output=True, text=True, input=stdin, env=env,
-                          timeout=300)
+    return subprocess.run(CLI + list(args), cwd=cwd, capture_output=True, text=True, input=stdin, env=env, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("cli") / "model"
-    result = run("train", str(DEMO_CSV), "--text-cols", "标题,诉求内容", "--target", "sanshi=三事",
-                 "--target", "appeal=诉求类型", "--model-dir", str(model_dir), "--no-track", "--seed", "3")
+    result = run(
+        "train",
+        str(DEMO_CSV),
+        "--text-cols",
+        "标题,诉求内容",
+        "--target",
+        "sanshi=三事",
+        "--target",
+        "appeal=诉求类型",
+        "--model-dir",
+        str(model_dir),
+        "--no-track",
+        "--seed",
+        "3",
+    )
     assert result.returncode == 0, result.stderr
     return model_dir, result
 
@@ -71,15 +83,20 @@ def test_predict_prints_suggestions_and_json(trained):
     assert len(lines) == 2 and "colour" in lines[0]["fields"]["sanshi"]["sanshi"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "no/such/file.csv", "--no-track"], "no/such/file.csv: file not found"),
-    (["train", str(DEMO_CSV), "--text-cols", "标题,正文", "--target", "sanshi=三事", "--no-track"],
-     "missing column(s) '正文'"),
-    (["train", str(DEMO_CSV), "--target", "=三事", "--no-track"], "expected NAME=COLUMN"),
-    (["predict", "--model-dir", "no/such/model", "小区电梯坏了"], "model directory not found"),
-    (["predict", "--model-dir", "no/such/model", "   "], "text 1: empty text"),
-    (["evaluate", str(DEMO_CSV), "--model-dir", "x", "--cv", "1"], "--cv needs K ≥ 2"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "no/such/file.csv", "--no-track"], "no/such/file.csv: file not found"),
+        (
+            ["train", str(DEMO_CSV), "--text-cols", "标题,正文", "--target", "sanshi=三事", "--no-track"],
+            "missing column(s) '正文'",
+        ),
+        (["train", str(DEMO_CSV), "--target", "=三事", "--no-track"], "expected NAME=COLUMN"),
+        (["predict", "--model-dir", "no/such/model", "小区电梯坏了"], "model directory not found"),
+        (["predict", "--model-dir", "no/such/model", "   "], "text 1: empty text"),
+        (["evaluate", str(DEMO_CSV), "--model-dir", "x", "--cv", "1"], "--cv needs K ≥ 2"),
+    ],
+)
 def test_bad_input_gets_one_clear_line_and_no_traceback(args, message):
     result = run(*args)
     assert result.returncode == 2

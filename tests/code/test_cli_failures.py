@@ -76,21 +76,28 @@ def unwritable(directory: Path):
 
 
 def test_train_on_a_header_only_file_is_one_line(header_only, tmp_path):
-    one_line_error(invoke("train", header_only, "--model-dir", tmp_path / "m", "--no-track"),
-                   "header_only.csv", "no records")
+    one_line_error(
+        invoke("train", header_only, "--model-dir", tmp_path / "m", "--no-track"), "header_only.csv", "no records"
+    )
     assert not (tmp_path / "m").exists()
 
 
 def test_evaluate_on_a_header_only_file_is_one_line(header_only, demo_model_dir, tmp_path):
-    one_line_error(invoke("evaluate", header_only, "--model-dir", demo_model_dir, "--out", tmp_path / "ev"),
-                   "header_only.csv", "no records")
+    one_line_error(
+        invoke("evaluate", header_only, "--model-dir", demo_model_dir, "--out", tmp_path / "ev"),
+        "header_only.csv",
+        "no records",
+    )
     assert not (tmp_path / "ev" / "metrics.json").exists()
 
 
 def test_score_on_a_header_only_file_is_one_line(header_only, demo_model_dir, tmp_path):
     out = tmp_path / "scored.parquet"
-    one_line_error(invoke("score", header_only, "--model-dir", demo_model_dir, "--out", out, "--no-progress"),
-                   "header_only.csv", "no records to score")
+    one_line_error(
+        invoke("score", header_only, "--model-dir", demo_model_dir, "--out", out, "--no-progress"),
+        "header_only.csv",
+        "no records to score",
+    )
     assert not out.exists() and not list(tmp_path.iterdir())  # no parts, no lock file left behind
 
 
@@ -111,8 +118,9 @@ def test_train_checks_the_model_directory_before_fitting(tmp_path):
 
 def test_score_checks_the_output_directory_before_scoring(demo_model_dir, tmp_path):
     with unwritable(tmp_path / "ro") as ro:
-        result = invoke("score", DEMO_CSV, "--model-dir", demo_model_dir, "--out", ro / "scored.parquet",
-                        "--no-progress")
+        result = invoke(
+            "score", DEMO_CSV, "--model-dir", demo_model_dir, "--out", ro / "scored.parquet", "--no-progress"
+        )
     one_line_error(result, str(ro), "cannot write the scored output")
 
 
@@ -121,9 +129,11 @@ def test_prepare_evaluate_and_report_check_their_output_directory(command, demo_
     scored = tmp_path / "scored.parquet"
     if command == "report":
         invoke("score", DEMO_CSV, "--model-dir", demo_model_dir, "--out", scored, "--no-progress", "--jobs", "1")
-    args = {"prepare": ["prepare", DEMO_CSV],
-            "evaluate": ["evaluate", DEMO_CSV, "--model-dir", demo_model_dir],
-            "report": ["report", scored]}[command]
+    args = {
+        "prepare": ["prepare", DEMO_CSV],
+        "evaluate": ["evaluate", DEMO_CSV, "--model-dir", demo_model_dir],
+        "report": ["report", scored],
+    }[command]
     with unwritable(tmp_path / "ro") as ro:
         result = invoke(*args, "--out", ro / "out")
     one_line_error(result, str(ro / "out"), "cannot write")
@@ -132,18 +142,42 @@ def test_prepare_evaluate_and_report_check_their_output_directory(command, demo_
 def _limit_file_size(limit: int):
     def apply() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
-@pytest.mark.parametrize("limit, where", [(4_000, "scored.parquet.parts/00000"),  # parts of 100 rows: ~15 kB
-                                          (20_000, "scored.parquet: cannot write the scored output")])  # ~35 kB
+@pytest.mark.parametrize(
+    "limit, where",
+    [
+        (4_000, "scored.parquet.parts/00000"),  # parts of 100 rows: ~15 kB
+        (20_000, "scored.parquet: cannot write the scored output"),
+    ],
+)  # ~35 kB
 def test_a_full_disk_while_scoring_is_one_line_naming_the_file(demo_model_dir, tmp_path, limit, where):
     """A file-size limit makes every write past it fail as a full disk does (Python ignores SIGXFSZ, so the write
     gets EFBIG): a part in a worker, or the assembled output in the scoring process."""
     out = tmp_path / "scored.parquet"
-    result = subprocess.run([SANSHI_ML, "score", str(DEMO_CSV), "--model-dir", str(demo_model_dir), "--out", str(out),
-                             "--no-progress", "--chunk-size", "100", "--jobs", "2"], capture_output=True, text=True,
-                            cwd=REPO, timeout=300, preexec_fn=_limit_file_size(limit))
+    result = subprocess.run(
+        [
+            SANSHI_ML,
+            "score",
+            str(DEMO_CSV),
+            "--model-dir",
+            str(demo_model_dir),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--chunk-size",
+            "100",
+            "--jobs",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        preexec_fn=_limit_file_size(limit),
+    )
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
@@ -154,9 +188,15 @@ def test_a_full_disk_while_scoring_is_one_line_naming_the_file(demo_model_dir, t
 def test_a_full_disk_while_training_is_one_line_naming_the_model_directory(tmp_path):
     model_dir = tmp_path / "model"
     env = {**os.environ, "MLFLOW_TRACKING_URI": "sqlite:////nonexistent/never-used.db"}
-    result = subprocess.run([SANSHI_ML, "train", str(DEMO_CSV), "--model-dir", str(model_dir), "--no-track"],
-                            capture_output=True, text=True, cwd=REPO, timeout=600, env=env,
-                            preexec_fn=_limit_file_size(20_000))
+    result = subprocess.run(
+        [SANSHI_ML, "train", str(DEMO_CSV), "--model-dir", str(model_dir), "--no-track"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        env=env,
+        preexec_fn=_limit_file_size(20_000),
+    )
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
@@ -166,17 +206,23 @@ def test_a_full_disk_while_training_is_one_line_naming_the_model_directory(tmp_p
 # ----------------------------------------------------------------------------------- report on what it cannot read
 
 
-@pytest.mark.parametrize("name, content", [("empty.parquet", b""), ("empty.csv", b""),
-                                           ("garbage.parquet", bytes(range(256)) * 8),
-                                           ("garbage.csv", bytes(range(128, 256)) * 8),
-                                           ("truncated.parquet", None)])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("empty.parquet", b""),
+        ("empty.csv", b""),
+        ("garbage.parquet", bytes(range(256)) * 8),
+        ("garbage.csv", bytes(range(128, 256)) * 8),
+        ("truncated.parquet", None),
+    ],
+)
 def test_report_on_an_empty_or_garbage_file_is_one_line(name, content, demo_model_dir, tmp_path):
     path = tmp_path / name
     if content is None:  # a real scored archive, cut in the middle
         whole = tmp_path / "whole.parquet"
         invoke("score", DEMO_CSV, "--model-dir", demo_model_dir, "--out", whole, "--no-progress", "--jobs", "1")
         data = whole.read_bytes()
-        content = data[:len(data) // 2]
+        content = data[: len(data) // 2]
     path.write_bytes(content)
     one_line_error(invoke("report", path, "--out", tmp_path / "report"), name, "not a scored archive")
 

@@ -27,8 +27,13 @@ def test_decoding_picks_the_best_allowed_pair_not_the_two_argmaxes():
 
 
 def test_labels_never_seen_together_stay_free_so_every_record_gets_an_answer():
-    linked = LinkedTargets.from_pairs("sanshi", "unit", ["公事", "共事", "家事"], ["住建部门", "社区居委会", "新单位"],
-                                      [("公事", "住建部门"), ("共事", "社区居委会"), ("未知", "住建部门")])
+    linked = LinkedTargets.from_pairs(
+        "sanshi",
+        "unit",
+        ["公事", "共事", "家事"],
+        ["住建部门", "社区居委会", "新单位"],
+        [("公事", "住建部门"), ("共事", "社区居委会"), ("未知", "住建部门")],
+    )
     assert linked.allowed[2].all()  # 家事 was never paired: it may go with any unit
     assert linked.allowed[:, 2].all()  # neither was the new unit
     assert not linked.allowed[0, 1]
@@ -135,7 +140,9 @@ def test_review_thresholds_and_confidence_maps_come_from_every_training_row_out_
     from sanshi_ml.model import TriageModel
 
     records = _demo_records(repo_params, {"sanshi": "三事", "unit": "承办单位"})
-    model = TriageModel(repo_params.text, repo_params.features, repo_params.train).fit(records, progress=lambda _m: None)
+    model = TriageModel(repo_params.text, repo_params.features, repo_params.train).fit(
+        records, progress=lambda _m: None
+    )
     for name, head in model.heads.items():
         labelled = int(records.has_label(name).sum()) - sum(head.excluded_labels.values())
         assert head.threshold_info["n_holdout"] == labelled == head.confidence_map.n_calibration

@@ -40,8 +40,9 @@ def test_the_saved_model_learns_from_every_labelled_row(demo_model_dir, demo_rec
     for name, head in loaded.model.heads.items():
         assert head.n_train == int(demo_records.has_label(name).sum())
     # The very model a plain fit on all rows gives: the saved model answers like it, record for record.
-    direct = TriageModel(repo_params.text, repo_params.features, repo_params.train).fit(demo_records,
-                                                                                      progress=lambda _m: None)
+    direct = TriageModel(repo_params.text, repo_params.features, repo_params.train).fit(
+        demo_records, progress=lambda _m: None
+    )
     texts = demo_records.model_texts[:60]
     saved, _ = loaded.model.predict(texts)
     fitted, _ = direct.predict(texts)
@@ -58,8 +59,9 @@ def test_the_estimate_grades_no_step_on_the_rows_it_was_fitted_to(demo_records, 
     rng = np.random.default_rng(0)
     for name in TARGETS:
         shuffled.frame[name] = rng.permutation(shuffled.frame[name].to_numpy())
-    model = TriageModel(repo_params.text, repo_params.features, repo_params.train).fit(shuffled,
-                                                                                      progress=lambda _m: None)
+    model = TriageModel(repo_params.text, repo_params.features, repo_params.train).fit(
+        shuffled, progress=lambda _m: None
+    )
     found = estimate(model, shuffled)
     honest = evaluate_model(model, shuffled, predictions=found.predictions, uncalibrated=found.uncalibrated)
     assert found.folds == repo_params.train.calibration_cv
@@ -81,13 +83,15 @@ def test_repeated_texts_share_one_outcome(demo_records, demo_model_dir):
     repeated = pd.Series(groups).duplicated(keep=False).to_numpy()
     assert repeated.sum() == 4
     for name, pred in graded.predictions.items():
-        frame = pd.DataFrame({"group": groups[repeated], "label": pred.labels[repeated],
-                              "confidence": pred.confidence[repeated]})
+        frame = pd.DataFrame(
+            {"group": groups[repeated], "label": pred.labels[repeated], "confidence": pred.confidence[repeated]}
+        )
         assert (frame.groupby("group").nunique() == 1).all().all(), name
 
 
-def test_evaluate_on_the_training_export_reports_the_estimate_not_the_model_on_its_own_rows(demo_model_dir,
-                                                                                         tmp_path, repo_params):
+def test_evaluate_on_the_training_export_reports_the_estimate_not_the_model_on_its_own_rows(
+    demo_model_dir, tmp_path, repo_params
+):
     payload = evaluate([DEMO_CSV], demo_model_dir, tmp_path, repo_params)
     meta = json.loads((demo_model_dir / "metadata.json").read_text(encoding="utf-8"))
     assert payload["source"] == "out_of_fold" and payload["rows"] == {"out_of_fold": 418, "unseen_rows": 0}
@@ -99,8 +103,9 @@ def test_evaluate_on_the_training_export_reports_the_estimate_not_the_model_on_i
     assert written["source"] == "out_of_fold" and written["targets"]["unit"]["ece"] == payload["targets"]["unit"]["ece"]
 
 
-def test_an_export_mixing_training_rows_and_new_rows_grades_each_kind_for_what_it_is(demo_model_dir, tmp_path,
-                                                                                    repo_params, demo_records):
+def test_an_export_mixing_training_rows_and_new_rows_grades_each_kind_for_what_it_is(
+    demo_model_dir, tmp_path, repo_params, demo_records
+):
     frame = pd.read_csv(DEMO_CSV, dtype=str, keep_default_na=False)
     frame = frame[frame["工单编号"].isin(demo_records.frame["id"])]  # the rows with text, in the records' order
     new = frame.iloc[100:160].copy()
@@ -124,7 +129,8 @@ def test_an_export_mixing_training_rows_and_new_rows_grades_each_kind_for_what_i
 
 
 def test_a_holdout_is_measured_by_a_model_that_never_saw_it_and_the_saved_model_still_learns_from_it(
-        with_holdout, demo_records):
+    with_holdout, demo_records
+):
     result, params = with_holdout
     meta = result.metadata
     fit_idx, held_idx = split_indices(demo_records, 0.25, params.split.seed, params.split.stratify_target)
@@ -132,8 +138,9 @@ def test_a_holdout_is_measured_by_a_model_that_never_saw_it_and_the_saved_model_
     assert meta["data"]["n_train"] == len(demo_records)  # the saved model: every row, the holdout's included
     assert result.model.heads["sanshi"].n_train == len(demo_records)
     # The holdout figures are those of a model fitted on the other rows only.
-    probe = TriageModel(params.text, params.features, params.train).fit(subset(demo_records, fit_idx),
-                                                                       progress=lambda _m: None)
+    probe = TriageModel(params.text, params.features, params.train).fit(
+        subset(demo_records, fit_idx), progress=lambda _m: None
+    )
     expected = probe.predict_records(subset(demo_records, held_idx))
     for name in TARGETS:
         np.testing.assert_array_equal(result.holdout.predictions[name].labels, expected[name].labels)
@@ -151,7 +158,8 @@ def test_evaluate_reports_the_holdout_beside_the_estimate(with_holdout, tmp_path
     for name in TARGETS:
         assert holdout["targets"][name]["macro_f1"] == result.holdout.metrics[name]["macro_f1"]
         assert holdout["targets"][name]["coverage_at_threshold"] == pytest.approx(
-            result.holdout.metrics[name]["coverage_at_threshold"])
+            result.holdout.metrics[name]["coverage_at_threshold"]
+        )
 
 
 def test_retraining_without_a_holdout_removes_the_old_holdout_file(with_holdout, repo_params, tmp_path):
@@ -180,8 +188,9 @@ def test_a_changed_outcome_file_is_refused(demo_model_dir, tmp_path, repo_params
         evaluate([DEMO_CSV], copy, tmp_path / "report", repo_params)
 
 
-def test_a_model_saved_with_a_held_out_split_is_still_evaluated_on_the_rows_it_never_saw(demo_model_dir, tmp_path,
-                                                                                       repo_params, demo_records):
+def test_a_model_saved_with_a_held_out_split_is_still_evaluated_on_the_rows_it_never_saw(
+    demo_model_dir, tmp_path, repo_params, demo_records
+):
     """Models saved before the shipped model trained on every row recorded a split and no outcomes: they load, and
     on their training data only their held-out split is graded."""
     import shutil

@@ -17,18 +17,33 @@ from sanshi_ml.features import FastTfidf, TokenCodes, build_vectorizer, char_ngr
 from sanshi_ml.text import _PII_PATTERNS, Segmenter, model_input, nfkc_many, normalize, normalize_many
 
 TEXTS = [
-    "A3区青青家园小区的电梯坏了一个多月，物业一直不修", "楼上邻居每天深夜拖动家具，噪音太大，沟通无果",
-    "社區電梯壞了，請儘快維修", "我的手机13800001234请回电，邮箱zhang.san+x@example.com.cn",
-    "ＡＢＣ１２３，小区　路灯<b>不亮</b>&nbsp;了", "车牌湘A12345停在消防通道，座机(010)62345678", "",
-    "建议周末延长地铁末班车时间", "咨询社保转移手续怎么办理", "小区停车位被外来车辆占用", "e\u0301\u0323 ﬁ ㎡ ①",
-    "未分配\u0378码位和\U000e0001标签", "Email me: PHONE idnum", "  \n\t ", "身份证430102199001011234",
+    "A3区青青家园小区的电梯坏了一个多月，物业一直不修",
+    "楼上邻居每天深夜拖动家具，噪音太大，沟通无果",
+    "社區電梯壞了，請儘快維修",
+    "我的手机13800001234请回电，邮箱zhang.san+x@example.com.cn",
+    "ＡＢＣ１２３，小区　路灯<b>不亮</b>&nbsp;了",
+    "车牌湘A12345停在消防通道，座机(010)62345678",
+    "",
+    "建议周末延长地铁末班车时间",
+    "咨询社保转移手续怎么办理",
+    "小区停车位被外来车辆占用",
+    "e\u0301\u0323 ﬁ ㎡ ①",
+    "未分配\u0378码位和\U000e0001标签",
+    "Email me: PHONE idnum",
+    "  \n\t ",
+    "身份证430102199001011234",
 ] * 3
 
 
 # Model input strings with titles: a title and a text, a title alone, an empty title, and the hard texts above.
-TITLED = [model_input(title, text) for title, text in zip(
-    ["电梯故障", "噪音扰民", "", "咨询社保", "湘A12345占道", "标题里有13800001234", "\x1f只有标题", "請儘快維修"] * 3,
-    [t for t in TEXTS if t.strip()][:8] + [""] * 8 + TEXTS[:7] + ["正文里有私用区字符\ue000在中间"])]
+TITLED = [
+    model_input(title, text)
+    for title, text in zip(
+        ["电梯故障", "噪音扰民", "", "咨询社保", "湘A12345占道", "标题里有13800001234", "\x1f只有标题", "請儘快維修"]
+        * 3,
+        [t for t in TEXTS if t.strip()][:8] + [""] * 8 + TEXTS[:7] + ["正文里有私用区字符\ue000在中间"],
+    )
+]
 
 
 def _sklearn_features(model, texts):
@@ -46,8 +61,10 @@ def _plain_pii() -> dict[str, re.Pattern[str]]:
     """The PII patterns in their plain, slow form: (?<![0-9]) before the first character."""
     month_day = r"(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])"
     return {
-        "id_card": re.compile(rf"(?<![0-9])(?:[1-9]\d{{5}}(?:18|19|20)\d{{2}}{month_day}\d{{3}}[0-9Xx]"
-                              rf"|(?:1[1-5]|2[1-3]|3[1-7]|4[1-6]|5[0-4]|6[1-5])\d{{6}}{month_day}\d{{3}})(?![0-9])"),
+        "id_card": re.compile(
+            rf"(?<![0-9])(?:[1-9]\d{{5}}(?:18|19|20)\d{{2}}{month_day}\d{{3}}[0-9Xx]"
+            rf"|(?:1[1-5]|2[1-3]|3[1-7]|4[1-6]|5[0-4]|6[1-5])\d{{6}}{month_day}\d{{3}})(?![0-9])"
+        ),
         "mobile": re.compile(r"(?<![0-9])(?:\+?86[- ]?)?1[3-9]\d(?:(?:[- ]{0,3}\d{4}){2}|\.\d{4}\.\d{4})(?![0-9])"),
         "landline": re.compile(r"(?<![0-9])(?:\(0\d{2,3}\)|0\d{2,3})[- ]?[2-9]\d{6,7}(?:-\d{1,4})?(?![0-9])"),
     }
@@ -73,7 +90,7 @@ def test_normalize_many_equals_normalize_text_for_text():
 def test_nfkc_many_equals_unicodedata_over_the_bmp():
     # Every BMP code point except surrogates, in texts of 64, with combining marks after some of them.
     points = [chr(p) for p in range(0x10000) if not 0xD800 <= p <= 0xDFFF]
-    texts = ["".join(points[i:i + 64]) + "\u0301" for i in range(0, len(points), 64)]
+    texts = ["".join(points[i : i + 64]) + "\u0301" for i in range(0, len(points), 64)]
     assert nfkc_many(texts) == [unicodedata.normalize("NFKC", text) for text in texts]
 
 
@@ -94,12 +111,15 @@ def test_filter_verdicts_are_cached_but_not_pickled():
     assert pickle.loads(pickle.dumps(segmenter))._verdicts == {}
 
 
-@pytest.mark.parametrize("config", [
-    FeaturesConfig(),
-    FeaturesConfig(word_ngram_max=3, char_ngram_max=3),
-    FeaturesConfig(word_ngram_max=1, char_ngram_max=0),
-    FeaturesConfig(min_df=2, max_features=300, sublinear_tf=False),
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        FeaturesConfig(),
+        FeaturesConfig(word_ngram_max=3, char_ngram_max=3),
+        FeaturesConfig(word_ngram_max=1, char_ngram_max=0),
+        FeaturesConfig(min_df=2, max_features=300, sublinear_tf=False),
+    ],
+)
 def test_fast_tfidf_equals_the_fitted_union_bit_for_bit(config):
     segmenter = Segmenter()
     train = segmenter.cut_many(normalize_many(TEXTS[:12]))
@@ -112,8 +132,12 @@ def test_fast_tfidf_equals_the_fitted_union_bit_for_bit(config):
     joined = segmenter.raw_cut_joined(normalize_many(TEXTS))
     codes = TokenCodes.of(joined)
     text_of = joined_text_of(len(joined), codes.positions(Segmenter.JOIN))
-    for got in (fast.transform(filtered), fast.transform(raw, raw=True), fast.transform(filtered),
-                fast.transform_codes(codes, text_of, len(TEXTS), raw=True)):
+    for got in (
+        fast.transform(filtered),
+        fast.transform(raw, raw=True),
+        fast.transform(filtered),
+        fast.transform_codes(codes, text_of, len(TEXTS), raw=True),
+    ):
         assert got.shape == expected.shape and got.dtype == expected.dtype
         assert np.array_equal(got.indptr, expected.indptr)
         assert np.array_equal(got.indices, expected.indices)
@@ -129,7 +153,7 @@ def test_one_joined_cut_gives_each_texts_own_tokens(backend):
     assert separators == [i for i, token in enumerate(tokens) if token == Segmenter.JOIN]
     assert len(separators) == len(texts) - 1
     bounds = [-1, *separators, len(tokens)]
-    assert [tokens[a + 1:b] for a, b in zip(bounds, bounds[1:])] == segmenter.raw_cut_many(texts)
+    assert [tokens[a + 1 : b] for a, b in zip(bounds, bounds[1:])] == segmenter.raw_cut_many(texts)
     assert not segmenter.keeps(Segmenter.JOIN)  # the fast path drops the separators as it drops any whitespace
     # A text that holds a newline (never a normalised one) cannot be told apart: the caller cuts one by one.
     assert segmenter.raw_cut_joined(["第一行\n第二行", "别的"]) is None
@@ -207,7 +231,8 @@ def test_the_title_block_reads_the_title_alone_and_weighs_it_as_configured(demo_
     n_text = len(model.vectorizer.get_feature_names_out())
     title, text = "电梯故障", "小区的电梯坏了一个多月，物业一直不修"
     with_title, without_title, title_only = model.transform(
-        [model_input(title, text), model_input(None, text), model_input(title, "")]).toarray()
+        [model_input(title, text), model_input(None, text), model_input(title, "")]
+    ).toarray()
     assert not without_title[n_text:].any()  # no title, an empty title block
     assert with_title[n_text:].any() and np.array_equal(with_title[n_text:], title_only[n_text:])
     # every part (word, char) of both blocks is L2-normalised, then the title block is scaled by its weight
@@ -226,7 +251,8 @@ def test_stacked_heads_give_sklearns_probabilities_bit_for_bit_binary_heads_too_
     frame["公事吗"] = (frame["三事"] == "公事").map({True: "是", False: "否"})
     cmap = ColumnMap(text_cols=("标题", "诉求内容"), targets={"public": "公事吗", "sanshi": "三事"})
     model = TriageModel(repo_params.text, repo_params.features, repo_params.train).fit(
-        to_records(frame, cmap, "demo"), progress=lambda _m: None)
+        to_records(frame, cmap, "demo"), progress=lambda _m: None
+    )
     X = model.transform(TEXTS[:12])
     float64_weights = {name: head.classifier.predict_proba(X) for name, head in model.heads.items()}
     predictions = model.predict_features(X)
@@ -278,9 +304,22 @@ def test_texts_the_pii_prefilter_passes_over_have_nothing_to_mask():
     rng = random.Random(11)
     alphabet = "0123456789" * 4 + "٣٤٥" + "+-() .·@Xx" + "AaBz" + "湘京粤" + "号码的" + "\u200b\u00ad\ufeff\U000e0020"
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))) for _ in range(30_000)]
-    texts += ["13800001234", "+86 138 0000 1234", "(010)62345678", "0731-88880000", "430102199001011234",
-              "a.b@c.cn", "湘A12345", "粤B·D12345", "138٠٠٠٠١٢٣٤", "430102900101123", "133.1234.5678",
-              "133  1234  5678", "138\u200b0000\u200b1234", "1\u206038\u00ad00001234"]
+    texts += [
+        "13800001234",
+        "+86 138 0000 1234",
+        "(010)62345678",
+        "0731-88880000",
+        "430102199001011234",
+        "a.b@c.cn",
+        "湘A12345",
+        "粤B·D12345",
+        "138٠٠٠٠١٢٣٤",
+        "430102900101123",
+        "133.1234.5678",
+        "133  1234  5678",
+        "138\u200b0000\u200b1234",
+        "1\u206038\u00ad00001234",
+    ]
     flagged = pii_candidates(texts)
     changed = [mask_pii(text) != text for text in texts]
     assert all(flag for flag, change in zip(flagged, changed) if change)

@@ -110,7 +110,7 @@ def test_a_row_with_too_many_or_too_few_fields_is_malformed_and_the_rest_read(cl
     start = start_of(text, "R0200")
     end = text.index("\n", start)
     row = text[start:end]
-    row = row + ",多余的一列" if damage == "too_many" else row[:row.rindex(",")]
+    row = row + ",多余的一列" if damage == "too_many" else row[: row.rindex(",")]
     bad = damaged(tmp_path, text[:start] + row + text[end:])
     check_one_malformed(bad, path, line_of(text, "R0200"), 200)
 
@@ -163,8 +163,9 @@ def test_scoring_gives_a_damaged_row_status_malformed_and_resumes_through_it(cle
     # Several inputs: the line is named with its file.
     both = score([bad, path], demo_model_dir, tmp_path / "both.parquet", jobs=1, progress=False)
     assert both.rows == 2 * N and both.status["malformed"] == 1
-    assert "damaged.csv:line" in set(pd.read_parquet(tmp_path / "both.parquet")["id"].str.replace(r"\d+$", "",
-                                                                                                   regex=True))
+    assert "damaged.csv:line" in set(
+        pd.read_parquet(tmp_path / "both.parquet")["id"].str.replace(r"\d+$", "", regex=True)
+    )
 
 
 def test_a_jsonl_line_that_is_not_a_json_object_is_a_malformed_row(tmp_path):
@@ -192,8 +193,10 @@ def test_the_candidate_rule(tmp_path):
     assert not swallowed("正文\n最后一行,有三个,逗号,的句子", 3, 4, ",")
     # Legitimate multi-line texts: prose with commas, a line of a list, a quote inside.
     assert not swallowed("第一行,有逗号\n第二行\n第三行", 2, 4, ",")
-    assert not swallowed("我们是职工,伊景园的房子,\n在现在楼盘还未建成的情况下,就要求,捆绑,购买车位\n不想买,车位.", 2, 4, ",")
-    assert not swallowed("他说\"好,的\"\n然后,走了", 1, 3, ",")
+    assert not swallowed(
+        "我们是职工,伊景园的房子,\n在现在楼盘还未建成的情况下,就要求,捆绑,购买车位\n不想买,车位.", 2, 4, ","
+    )
+    assert not swallowed('他说"好,的"\n然后,走了', 1, 3, ",")
     assert not swallowed("一行\n两行", 0, 1, ",")  # one column: cannot be told
 
 
@@ -225,7 +228,7 @@ def test_a_damaged_row_in_a_gb18030_export_is_malformed_and_nothing_is_printed(c
     start = start_of(text, "R0010")
     end = text.index("\n", start)
     bad = tmp_path / "gb.csv"
-    bad.write_bytes((text[:start] + text[start:end][:text[start:end].rindex(",")] + text[end:]).encode("gb18030"))
+    bad.write_bytes((text[:start] + text[start:end][: text[start:end].rindex(",")] + text[end:]).encode("gb18030"))
     frame = read_table(bad)
     lines = malformed_lines(frame)
     assert len(frame) == N and np.flatnonzero(lines).tolist() == [10] and lines[10] == line_of(text, "R0010")

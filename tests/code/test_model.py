@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from sanshi_ml.artifacts import load_model
-from sanshi_ml.evaluate import expected_calibration_error
 from sanshi_ml.calibration import NEVER_ACCEPT, choose_threshold
+from sanshi_ml.evaluate import expected_calibration_error
 from sanshi_ml.suggest import Suggester, text_status
 
 
@@ -76,10 +76,19 @@ def test_score_frame_agrees_with_suggest(loaded):
             assert getattr(row, f"{target}_needs_review") == field["needs_review"]
 
 
-@pytest.mark.parametrize("value, status", [
-    ("正常文本", "ok"), ("", "empty_text"), ("  \n", "empty_text"), (None, "empty_text"), (float("nan"), "empty_text"),
-    (12345, "not_text"), ("字" * 101, "too_long"), ("坏\ufffd码", "undecodable"),
-])
+@pytest.mark.parametrize(
+    "value, status",
+    [
+        ("正常文本", "ok"),
+        ("", "empty_text"),
+        ("  \n", "empty_text"),
+        (None, "empty_text"),
+        (float("nan"), "empty_text"),
+        (12345, "not_text"),
+        ("字" * 101, "too_long"),
+        ("坏\ufffd码", "undecodable"),
+    ],
+)
 def test_text_status(value, status):
     assert text_status(value, max_chars=100) == status
 

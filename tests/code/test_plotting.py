@@ -65,8 +65,10 @@ def stale_mplconfigdir(tmp_path):
     # Every face of every file that holds a known CJK family: the cache of a machine without the font package.
     cjk_files = {font["fname"] for font in fontlist["ttflist"] if font["name"] in CJK_FONT_NAMES}
     if not cjk_files:
-        _no_cjk_font("no CJK font installed (a fresh matplotlib font cache lists none of "
-                     f"{', '.join(CJK_FONT_NAMES)}): run scripts/system-deps.sh font")
+        _no_cjk_font(
+            "no CJK font installed (a fresh matplotlib font cache lists none of "
+            f"{', '.join(CJK_FONT_NAMES)}): run scripts/system-deps.sh font"
+        )
     fontlist["ttflist"] = [font for font in fontlist["ttflist"] if font["fname"] not in cjk_files]
     cache.write_text(json.dumps(fontlist), encoding="utf-8")
     return mplconfigdir
@@ -77,8 +79,9 @@ def test_chinese_labels_render_with_a_font_cache_built_before_the_cjk_font(stale
     result = json.loads(_python(RENDER, stale_mplconfigdir, str(png)).splitlines()[-1])
     assert result["stale"], "the rewritten cache still lists a CJK font: the stale cache was not reproduced"
     assert result["font"] in CJK_FONT_NAMES
-    assert not [w for w in result["warnings"] if "missing from font" in w or "FontMissingWarning" in w], \
-        result["warnings"]
+    assert not [w for w in result["warnings"] if "missing from font" in w or "FontMissingWarning" in w], result[
+        "warnings"
+    ]
     assert png.stat().st_size > 0
 
 

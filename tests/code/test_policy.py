@@ -55,12 +55,18 @@ def test_a_local_list_is_configuration(tmp_path):
     assert len(policy.sha256) == 64
 
 
-@pytest.mark.parametrize("body, message", [
-    (f"name: x\nversion: '1'\nclasses:\n  公事:\n{CLASS}units:\n  交警: 大家事\n", "unknown 三事 classes: 交警 -> 大家事"),
-    (f"name: x\nversion: '1'\nclasses:\n  公事:\n{CLASS}    colr: blue\n", "classes.公事.colr"),
-    ("name: x\nversion: '1'\nclasses:\n  公事:\n    colour: red\n", "classes.公事.colour_hex"),
-    ("name: [unclosed\n", "not valid UTF-8 YAML"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (
+            f"name: x\nversion: '1'\nclasses:\n  公事:\n{CLASS}units:\n  交警: 大家事\n",
+            "unknown 三事 classes: 交警 -> 大家事",
+        ),
+        (f"name: x\nversion: '1'\nclasses:\n  公事:\n{CLASS}    colr: blue\n", "classes.公事.colr"),
+        ("name: x\nversion: '1'\nclasses:\n  公事:\n    colour: red\n", "classes.公事.colour_hex"),
+        ("name: [unclosed\n", "not valid UTF-8 YAML"),
+    ],
+)
 def test_broken_lists_name_the_file_and_the_key(tmp_path, body, message):
     with pytest.raises(PolicyError, match=message) as error:
         load_policy(_write(tmp_path, body))

@@ -14,8 +14,9 @@ from tests.conftest import DEMO_CSV
 
 def _same_records(a, b):
     assert a.content_hash() == b.content_hash()
-    pd.testing.assert_frame_equal(a.frame.drop(columns="received_at"), b.frame.drop(columns="received_at"),
-                                  check_dtype=False)
+    pd.testing.assert_frame_equal(
+        a.frame.drop(columns="received_at"), b.frame.drop(columns="received_at"), check_dtype=False
+    )
     assert (a.frame["received_at"].isna() == b.frame["received_at"].isna()).all()
 
 
@@ -38,11 +39,15 @@ def test_several_exports_without_ids_or_times_and_three_text_columns(tmp_path):
     columns = {"text_cols": ["主题", "内容", "补充"], "targets": {"sanshi": "三事"}, "id_col": None, "time_col": None}
     params = with_overrides(Params(), {"data.columns": columns})
     first = tmp_path / "a.csv"
-    first.write_text("主题,内容,补充,三事\n电梯坏了,一个月没修,,共事\n,,,家事\n噪音,楼上 吵,请处理,家事\n",
-                     encoding="utf-8")
+    first.write_text(
+        "主题,内容,补充,三事\n电梯坏了,一个月没修,,共事\n,,,家事\n噪音,楼上 吵,请处理,家事\n", encoding="utf-8"
+    )
     second = tmp_path / "b.jsonl"
-    second.write_text('{"主题": "路灯", "内容": "不亮", "补充": "", "三事": "公事"}\n'
-                      '{"主题": "漏水", "内容": "", "补充": "楼上", "三事": null}\n', encoding="utf-8")
+    second.write_text(
+        '{"主题": "路灯", "内容": "不亮", "补充": "", "三事": "公事"}\n'
+        '{"主题": "漏水", "内容": "", "补充": "楼上", "三事": null}\n',
+        encoding="utf-8",
+    )
     out = tmp_path / "prepared"
     prepare([first, second], params, out, progress=lambda _m: None)
     cmap = ColumnMap.from_config(params.data.columns)

@@ -16,8 +16,12 @@ from sanshi_ml.readers import SAMPLE_BYTES, ReadOptions, RecordError, header_ind
 from sanshi_ml.records import ColumnMap, load_records
 from tests.conftest import DEMO_CSV
 
-CMAP = ColumnMap(text_cols=("标题", "诉求内容"), targets={"sanshi": "三事", "unit": "承办单位"}, id_col="工单编号",
-                 time_col="受理时间")
+CMAP = ColumnMap(
+    text_cols=("标题", "诉求内容"),
+    targets={"sanshi": "三事", "unit": "承办单位"},
+    id_col="工单编号",
+    time_col="受理时间",
+)
 TITLE = "2024年1月12345工单明细"
 runner = CliRunner()
 
@@ -92,8 +96,9 @@ def test_excel_sheet_by_name_or_number_with_a_title_row_and_unknown_sheets_liste
 # -------------------------------------------------------------------------------------------------------- delimiters
 
 
-@pytest.mark.parametrize("name, sep", [("semi.csv", ";"), ("tabs.csv", "\t"), ("unicode.txt", "\t"),
-                                       ("plain.tsv", "\t"), ("comma.txt", ",")])
+@pytest.mark.parametrize(
+    "name, sep", [("semi.csv", ";"), ("tabs.csv", "\t"), ("unicode.txt", "\t"), ("plain.tsv", "\t"), ("comma.txt", ",")]
+)
 def test_comma_tab_and_semicolon_are_sniffed(demo, reference, tmp_path, name, sep):
     path = tmp_path / name
     demo.to_csv(path, index=False, sep=sep)
@@ -111,8 +116,10 @@ def test_a_sniff_that_fails_falls_back_to_comma(tmp_path):
 # --------------------------------------------------------------------------------------------------------- encodings
 
 
-@pytest.mark.parametrize("encoding, expected", [("gb18030", "gb18030"), ("gbk", "gb18030"), ("utf-8-sig", "utf-8"),
-                                                ("utf-8", "utf-8"), ("utf-16", "utf-16")])
+@pytest.mark.parametrize(
+    "encoding, expected",
+    [("gb18030", "gb18030"), ("gbk", "gb18030"), ("utf-8-sig", "utf-8"), ("utf-8", "utf-8"), ("utf-16", "utf-16")],
+)
 def test_every_encoding_reads_as_the_same_records(demo, reference, tmp_path, encoding, expected):
     path = tmp_path / "export.csv"
     demo.to_csv(path, index=False, encoding=encoding)
@@ -128,11 +135,21 @@ def test_every_encoding_reads_as_the_same_records(demo, reference, tmp_path, enc
 
 def test_gb18030_with_ascii_column_names_is_decoded_not_garbled(demo, reference, tmp_path):
     path = tmp_path / "ascii_names.csv"
-    names = {"工单编号": "id", "标题": "title", "诉求内容": "body", "受理时间": "time", "三事": "sanshi",
-             "承办单位": "unit"}
+    names = {
+        "工单编号": "id",
+        "标题": "title",
+        "诉求内容": "body",
+        "受理时间": "time",
+        "三事": "sanshi",
+        "承办单位": "unit",
+    }
     demo.rename(columns=names).to_csv(path, index=False, encoding="gb18030")
-    records = load_records(path, ColumnMap(text_cols=("title", "body"), targets={"sanshi": "sanshi", "unit": "unit"},
-                                           id_col="id", time_col="time"))
+    records = load_records(
+        path,
+        ColumnMap(
+            text_cols=("title", "body"), targets={"sanshi": "sanshi", "unit": "unit"}, id_col="id", time_col="time"
+        ),
+    )
     _same(records, reference)
     assert set(records.frame["sanshi"]) == {"公事", "共事", "家事"}
 
@@ -167,8 +184,11 @@ def test_a_stretch_that_does_not_decode_later_in_the_file_stops_the_read(demo, t
     utf8.to_csv(path, index=False)
     demo.to_csv(path, mode="ab", index=False, header=False, encoding="gb18030")
     assert path.stat().st_size > 2 * SAMPLE_BYTES and inspect(path).encoding == "utf-8"
-    with pytest.raises(RecordError, match=r"joined\.csv: cannot be decoded as utf-8 \(detected\): \d+(\.\d+)?% of "
-                                          r"characters read up to byte [\d,]+ are invalid; pass --encoding"):
+    with pytest.raises(
+        RecordError,
+        match=r"joined\.csv: cannot be decoded as utf-8 \(detected\): \d+(\.\d+)?% of "
+        r"characters read up to byte [\d,]+ are invalid; pass --encoding",
+    ):
         for _ in iter_table(path, chunk_size=500):
             pass
     with pytest.raises(RecordError, match=r"joined\.csv: cannot be decoded as utf-8 \(detected\)"):
@@ -195,8 +215,11 @@ def test_one_damaged_character_is_no_error_but_a_damaged_column_name_is(demo, re
     assert len(records.report.undecodable_ids) == 1 and len(records) == len(reference) - 1
     assert not any("\ufffd" in t for t in records.frame["text"])
     path.write_bytes(data.replace("标题".encode(), b"\xe6\xa0", 1))
-    with pytest.raises(RecordError, match=r"damaged\.csv: 1 column name\(s\) hold undecodable characters when "
-                                          r"decoded as utf-8 \(detected\); pass --encoding"):
+    with pytest.raises(
+        RecordError,
+        match=r"damaged\.csv: 1 column name\(s\) hold undecodable characters when "
+        r"decoded as utf-8 \(detected\); pass --encoding",
+    ):
         load_records(path, CMAP)
 
 
@@ -235,9 +258,28 @@ def _prepare(tmp_path, path, *options):
     params = tmp_path / "params.yaml"
     params.write_text("tracking:\n  enabled: false\n", encoding="utf-8")
     out = tmp_path / "prepared"
-    result = runner.invoke(app, ["prepare", str(path), "--out", str(out), "--params", str(params),
-                                 "--text-cols", "标题,诉求内容", "--id-col", "工单编号", "--time-col", "受理时间",
-                                 "--target", "sanshi=三事", "--target", "unit=承办单位", *options])
+    result = runner.invoke(
+        app,
+        [
+            "prepare",
+            str(path),
+            "--out",
+            str(out),
+            "--params",
+            str(params),
+            "--text-cols",
+            "标题,诉求内容",
+            "--id-col",
+            "工单编号",
+            "--time-col",
+            "受理时间",
+            "--target",
+            "sanshi=三事",
+            "--target",
+            "unit=承办单位",
+            *options,
+        ],
+    )
     return result, out / "records.parquet"
 
 

@@ -4,8 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sanshi_ml.records import (ColumnMap, RecordError, fold_indices, load_many, load_records, read_table,
-                               split_indices)
+from sanshi_ml.records import ColumnMap, RecordError, fold_indices, load_many, load_records, read_table, split_indices
 
 CMAP = ColumnMap(text_cols=("主题", "内容"), targets={"category": "类别", "sanshi": "三事分类"})
 
@@ -14,9 +13,16 @@ def _frame(n: int = 40) -> pd.DataFrame:
     rows = []
     for i in range(n):
         kind = ["公事", "共事", "家事"][i % 3]
-        rows.append({"工单编号": f"W{i:03d}", "主题": f"标题{i}", "内容": f"第{i}条{kind}诉求内容，小区电梯",
-                     "受理时间": f"2024/{i % 12 + 1}/3 9:05:00", "类别": ["城乡建设", "环境保护"][i % 2],
-                     "三事分类": kind})
+        rows.append(
+            {
+                "工单编号": f"W{i:03d}",
+                "主题": f"标题{i}",
+                "内容": f"第{i}条{kind}诉求内容，小区电梯",
+                "受理时间": f"2024/{i % 12 + 1}/3 9:05:00",
+                "类别": ["城乡建设", "环境保护"][i % 2],
+                "三事分类": kind,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -47,13 +53,20 @@ def test_missing_column_names_the_file_and_the_column(tmp_path):
         load_records(path, CMAP)
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("empty.csv", b"", "file is empty"),
-    ("garbage.xlsx", b"this is not a spreadsheet", "cannot be read as xlsx"),
-    ("garbage.parquet", b"PAR1 nope", "cannot be read as parquet"),
-    ("records.txt.gz", b"x", "unsupported file type"),
-    ("broken.json", b'{"a": [1, 2', "cannot be read as json"),  # a broken JSON-lines line is a malformed row instead
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.csv", b"", "file is empty"),
+        ("garbage.xlsx", b"this is not a spreadsheet", "cannot be read as xlsx"),
+        ("garbage.parquet", b"PAR1 nope", "cannot be read as parquet"),
+        ("records.txt.gz", b"x", "unsupported file type"),
+        (
+            "broken.json",
+            b'{"a": [1, 2',
+            "cannot be read as json",
+        ),  # a broken JSON-lines line is a malformed row instead
+    ],
+)
 def test_unreadable_files_get_an_error_naming_the_file(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_bytes(content)

@@ -41,7 +41,8 @@ def test_counts_add_up_to_the_scored_records(written, scored):
         assert dict(zip(counts["label"], counts["records"])) == ok[target].value_counts().to_dict()
         flagged = ok.loc[ok[f"{target}_needs_review"].astype(bool), target].value_counts()
         assert dict(zip(counts["label"], counts["needs_review"])) == {
-            label: int(flagged.get(label, 0)) for label in counts["label"]}
+            label: int(flagged.get(label, 0)) for label in counts["label"]
+        }
         assert counts["share"].sum() == pytest.approx(1.0)
     status = read(out, "status.csv")
     assert dict(zip(status["status"], status["records"])) == frame["status"].value_counts().to_dict()

@@ -19,8 +19,18 @@ from sanshi_ml import text as text_module
 from sanshi_ml.artifacts import load_model, save_model
 from sanshi_ml.cli import app
 from sanshi_ml.records import ColumnMap, RecordError
-from sanshi_ml.scoring import (ScoringError, ScoringSpec, _start_workers, _stop_workers, expand_inputs, iter_chunks, output_schema,
-                               part_paths, score, score_chunk)
+from sanshi_ml.scoring import (
+    ScoringError,
+    ScoringSpec,
+    _start_workers,
+    _stop_workers,
+    expand_inputs,
+    iter_chunks,
+    output_schema,
+    part_paths,
+    score,
+    score_chunk,
+)
 from sanshi_ml.suggest import Suggester
 from tests.conftest import DEMO_CSV
 
@@ -50,21 +60,32 @@ def test_chunks_are_deterministic_and_cover_every_row_once(demo_sample):
 def test_ids_default_to_row_numbers_across_chunks(tmp_path, suggester):
     frame = pd.DataFrame({"诉求内容": [GOOD] * 5})
     spec = ScoringSpec(ColumnMap(text_cols=("诉求内容",)))
-    out = pd.concat([score_chunk(frame.iloc[i:i + 2], suggester, spec, "x.csv", i) for i in range(0, 5, 2)])
+    out = pd.concat([score_chunk(frame.iloc[i : i + 2], suggester, spec, "x.csv", i) for i in range(0, 5, 2)])
     assert out["id"].tolist() == ["row1", "row2", "row3", "row4", "row5"]
 
 
 def test_bad_rows_get_a_status_and_empty_predictions_and_never_sink_the_chunk(suggester):
-    frame = pd.DataFrame({
-        "工单编号": ["a", "b", "c", "d", "e", "f", "g", "h"],
-        "标题": ["电梯", None, "", 42, "噪音", "坏\ufffd码", "标题", "x"],
-        "诉求内容": [GOOD, "", None, GOOD, "字" * 101, GOOD, ["not", "text"], "\ud800坏"],
-        "受理时间": ["2024-01-05 08:00:00"] * 8,
-    }, dtype=object)
+    frame = pd.DataFrame(
+        {
+            "工单编号": ["a", "b", "c", "d", "e", "f", "g", "h"],
+            "标题": ["电梯", None, "", 42, "噪音", "坏\ufffd码", "标题", "x"],
+            "诉求内容": [GOOD, "", None, GOOD, "字" * 101, GOOD, ["not", "text"], "\ud800坏"],
+            "受理时间": ["2024-01-05 08:00:00"] * 8,
+        },
+        dtype=object,
+    )
     spec = ScoringSpec(COLUMNS, max_text_chars=100)
     out = score_chunk(frame, suggester, spec, "bad.jsonl")
-    assert out["status"].tolist() == ["ok", "empty_text", "empty_text", "not_text", "too_long", "undecodable",
-                                      "not_text", "undecodable"]
+    assert out["status"].tolist() == [
+        "ok",
+        "empty_text",
+        "empty_text",
+        "not_text",
+        "too_long",
+        "undecodable",
+        "not_text",
+        "undecodable",
+    ]
     bad = out["status"] != "ok"
     for target in suggester.targets:
         assert out.loc[bad, target].isna().all() and out.loc[bad, f"{target}_confidence"].isna().all()
@@ -73,9 +94,12 @@ def test_bad_rows_get_a_status_and_empty_predictions_and_never_sink_the_chunk(su
 
 
 def test_undecodable_bytes_in_a_csv_mark_only_their_row(tmp_path, demo_model_dir):
-    raw = "工单编号,标题,诉求内容,受理时间\n1,电梯,{g},2024-01-05\n2,噪音,坏码\xff\xfe文本,2024-01-06\n3,路灯,{g},2024-02-01\n"
+    raw = (
+        "工单编号,标题,诉求内容,受理时间\n1,电梯,{g},2024-01-05\n2,噪音,坏码\xff\xfe文本,2024-01-06\n"
+        "3,路灯,{g},2024-02-01\n"
+    )
     path = tmp_path / "broken.csv"
-    path.write_bytes(raw.format(g=GOOD).encode("utf-8").replace("\xff\xfe".encode("utf-8"), b"\xff\xfe"))
+    path.write_bytes(raw.format(g=GOOD).encode("utf-8").replace("\xff\xfe".encode(), b"\xff\xfe"))
     out = tmp_path / "scored.csv"
     score([path], demo_model_dir, out, jobs=1, progress=False)
     scored = pd.read_csv(out, dtype=str, encoding="utf-8-sig")
@@ -85,8 +109,7 @@ def test_undecodable_bytes_in_a_csv_mark_only_their_row(tmp_path, demo_model_dir
 
 def test_output_keeps_id_time_and_adds_every_target(tmp_path, demo_model_dir, suggester, demo_sample):
     out = tmp_path / "scored.parquet"
-    result = score([demo_sample], demo_model_dir, out, chunk_size=25, jobs=1, progress=False,
-                   keep_cols=["承办单位"])
+    result = score([demo_sample], demo_model_dir, out, chunk_size=25, jobs=1, progress=False, keep_cols=["承办单位"])
     table = pq.read_table(out)
     assert table.schema.remove_metadata().equals(output_schema(suggester, ["承办单位"]))
     frame = table.to_pandas()
@@ -111,12 +134,15 @@ def _unassigned_table_built() -> bool:
     return text_module._unassigned_chars.cache_info().currsize == 1
 
 
-@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(),
-                    reason="workers inherit the parent's table only when they are forked")
+@pytest.mark.skipif(
+    "fork" not in multiprocessing.get_all_start_methods(),
+    reason="workers inherit the parent's table only when they are forked",
+)
 def test_forked_workers_inherit_the_unassigned_table_instead_of_each_building_it(tmp_path, demo_model_dir, suggester):
     text_module._unassigned_chars.cache_clear()
-    executor = _start_workers(2, suggester, demo_model_dir, None, ScoringSpec(columns=COLUMNS), tmp_path,
-                              output_schema(suggester))
+    executor = _start_workers(
+        2, suggester, demo_model_dir, None, ScoringSpec(columns=COLUMNS), tmp_path, output_schema(suggester)
+    )
     try:
         assert [executor.submit(_unassigned_table_built).result() for _ in range(4)] == [True] * 4
     finally:
@@ -176,11 +202,20 @@ def test_resume_refuses_another_policy(tmp_path, demo_model_dir, demo_sample):
     from sanshi_ml.policy import DEFAULT_POLICY_FILE
 
     edited = tmp_path / "policy.yaml"
-    edited.write_text(DEFAULT_POLICY_FILE.read_text(encoding="utf-8").replace('version: "', 'version: "x'),
-                      encoding="utf-8")
+    edited.write_text(
+        DEFAULT_POLICY_FILE.read_text(encoding="utf-8").replace('version: "', 'version: "x'), encoding="utf-8"
+    )
     with pytest.raises(ScoringError, match="the 三事 policy"):
-        score([demo_sample], demo_model_dir, out, chunk_size=20, jobs=1, progress=False, resume=True,
-              policy_path=str(edited))
+        score(
+            [demo_sample],
+            demo_model_dir,
+            out,
+            chunk_size=20,
+            jobs=1,
+            progress=False,
+            resume=True,
+            policy_path=str(edited),
+        )
 
 
 def test_resume_skips_checkpointed_chunks_and_redoes_the_rest(tmp_path, demo_model_dir, demo_sample):
@@ -210,8 +245,14 @@ def test_several_inputs_without_ids_get_file_prefixed_row_ids(tmp_path, demo_mod
     for name in ("jan.csv", "feb.csv"):
         pd.DataFrame({"内容": [GOOD, "路灯不亮"]}).to_csv(tmp_path / name, index=False)
     out = tmp_path / "scored.parquet"
-    score([tmp_path / "jan.csv", tmp_path / "feb.csv"], demo_model_dir, out, jobs=1, progress=False,
-          columns=ColumnMap(text_cols=("内容",)))
+    score(
+        [tmp_path / "jan.csv", tmp_path / "feb.csv"],
+        demo_model_dir,
+        out,
+        jobs=1,
+        progress=False,
+        columns=ColumnMap(text_cols=("内容",)),
+    )
     assert pd.read_parquet(out)["id"].tolist() == ["jan.csv:row1", "jan.csv:row2", "feb.csv:row1", "feb.csv:row2"]
 
 
@@ -219,10 +260,17 @@ def test_parquet_and_jsonl_inputs_score_like_csv(tmp_path, demo_model_dir, demo_
     frame = pd.read_csv(demo_sample, dtype=str)
     pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp_path / "in.parquet", row_group_size=7)
     frame.to_json(tmp_path / "in.jsonl", orient="records", lines=True, force_ascii=False)
-    tables = [pq.read_table(score([tmp_path / name], demo_model_dir, tmp_path / f"{name}.parquet", chunk_size=16,
-                                  jobs=1, progress=False).out) for name in ("in.parquet", "in.jsonl")]
-    csv_table = pq.read_table(score([demo_sample], demo_model_dir, tmp_path / "csv.parquet", jobs=1,
-                                    progress=False).out)
+    tables = [
+        pq.read_table(
+            score(
+                [tmp_path / name], demo_model_dir, tmp_path / f"{name}.parquet", chunk_size=16, jobs=1, progress=False
+            ).out
+        )
+        for name in ("in.parquet", "in.jsonl")
+    ]
+    csv_table = pq.read_table(
+        score([demo_sample], demo_model_dir, tmp_path / "csv.parquet", jobs=1, progress=False).out
+    )
     for table in tables:
         assert table.drop(["received_at"]).equals(csv_table.drop(["received_at"]))
 
@@ -238,24 +286,77 @@ def _one_line_error(result) -> str:
 
 
 def test_cli_names_a_missing_file_and_a_missing_column(tmp_path, demo_model_dir, demo_sample):
-    line = _one_line_error(runner.invoke(app, ["score", str(tmp_path / "nope.csv"), "--model-dir",
-                                               str(demo_model_dir), "--out", str(tmp_path / "o.parquet")]))
+    line = _one_line_error(
+        runner.invoke(
+            app,
+            [
+                "score",
+                str(tmp_path / "nope.csv"),
+                "--model-dir",
+                str(demo_model_dir),
+                "--out",
+                str(tmp_path / "o.parquet"),
+            ],
+        )
+    )
     assert "nope.csv" in line and "not found" in line
-    line = _one_line_error(runner.invoke(app, ["score", str(demo_sample), "--model-dir", str(demo_model_dir),
-                                               "--out", str(tmp_path / "o.parquet"), "--text-cols", "标题,正文"]))
+    line = _one_line_error(
+        runner.invoke(
+            app,
+            [
+                "score",
+                str(demo_sample),
+                "--model-dir",
+                str(demo_model_dir),
+                "--out",
+                str(tmp_path / "o.parquet"),
+                "--text-cols",
+                "标题,正文",
+            ],
+        )
+    )
     assert "'正文'" in line and "sample.csv" in line
-    line = _one_line_error(runner.invoke(app, ["score", str(demo_sample), "--model-dir", str(demo_model_dir),
-                                               "--out", str(tmp_path / "o.xlsx")]))
+    line = _one_line_error(
+        runner.invoke(
+            app, ["score", str(demo_sample), "--model-dir", str(demo_model_dir), "--out", str(tmp_path / "o.xlsx")]
+        )
+    )
     assert ".parquet or .csv" in line
-    line = _one_line_error(runner.invoke(app, ["score", str(demo_sample), "--model-dir", str(demo_model_dir),
-                                               "--out", str(tmp_path / "o.parquet"), "--resume"]))
+    line = _one_line_error(
+        runner.invoke(
+            app,
+            [
+                "score",
+                str(demo_sample),
+                "--model-dir",
+                str(demo_model_dir),
+                "--out",
+                str(tmp_path / "o.parquet"),
+                "--resume",
+            ],
+        )
+    )
     assert "nothing to resume" in line
 
 
 def test_cli_scores_with_the_models_columns_and_reports(tmp_path, demo_model_dir, demo_sample):
     out = tmp_path / "scored.csv"
-    result = runner.invoke(app, ["score", str(demo_sample), "--model-dir", str(demo_model_dir), "--out", str(out),
-                                 "--jobs", "1", "--chunk-size", "16", "--no-progress"])
+    result = runner.invoke(
+        app,
+        [
+            "score",
+            str(demo_sample),
+            "--model-dir",
+            str(demo_model_dir),
+            "--out",
+            str(out),
+            "--jobs",
+            "1",
+            "--chunk-size",
+            "16",
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "60 records" in result.output and len(pd.read_csv(out, encoding="utf-8-sig")) == 60
     result = runner.invoke(app, ["report", str(out), "--out", str(tmp_path / "report")])
@@ -264,8 +365,14 @@ def test_cli_scores_with_the_models_columns_and_reports(tmp_path, demo_model_dir
 
 
 def test_received_times_with_zones_keep_their_wall_clock(suggester):
-    frame = pd.DataFrame({"工单编号": ["a", "b"], "标题": ["x", "y"], "诉求内容": [GOOD, GOOD],
-                          "受理时间": ["2024-03-05T08:30:00+08:00", "not a time"]})
+    frame = pd.DataFrame(
+        {
+            "工单编号": ["a", "b"],
+            "标题": ["x", "y"],
+            "诉求内容": [GOOD, GOOD],
+            "受理时间": ["2024-03-05T08:30:00+08:00", "not a time"],
+        }
+    )
     out = score_chunk(frame, suggester, ScoringSpec(COLUMNS))
     assert out["received_at"].iloc[0] == pd.Timestamp("2024-03-05 08:30:00") and pd.isna(out["received_at"].iloc[1])
     assert np.all(out["status"] == "ok")

@@ -9,6 +9,7 @@ import pytest
 from crepes import ConformalClassifier
 
 from sanshi_ml.artifacts import load_model
+from sanshi_ml.calibration import ConformalSets, apply_temperature, fit_temperature
 from sanshi_ml.config import ConfigError, Params, with_overrides
 from sanshi_ml.evaluate import (
     conformal_metrics,
@@ -16,7 +17,6 @@ from sanshi_ml.evaluate import (
     selective_metrics,
     write_report,
 )
-from sanshi_ml.calibration import ConformalSets, apply_temperature, fit_temperature
 from sanshi_ml.model import TargetPredictions
 from sanshi_ml.records import ColumnMap, load_records
 from sanshi_ml.suggest import REVIEW_AMBIGUOUS, REVIEW_LOW_CONFIDENCE, Suggester
@@ -75,17 +75,28 @@ def test_sets_equal_crepes_predict_set(level):
     y_cal = np.array([rng.choice(6, p=p) for p in cal])
     sets = ConformalSets.fit(cal[np.arange(400), y_cal], level)
     test = rng.dirichlet(np.full(6, 0.4), size=300)
-    crepes = ConformalClassifier().fit(1 - cal[np.arange(400), y_cal]).predict_set(
-        1 - test, confidence=level, smoothing=False)
+    crepes = (
+        ConformalClassifier()
+        .fit(1 - cal[np.arange(400), y_cal])
+        .predict_set(1 - test, confidence=level, smoothing=False)
+    )
     assert np.array_equal(sets.mask(test), crepes.astype(bool))
 
 
 def test_conformal_metrics_by_hand():
-    pred = TargetPredictions(["a", "b", "c"], np.array([[0.7, 0.2, 0.1],    # set {a}: holds the true a
-                                                        [0.45, 0.45, 0.1],  # set {a, b}: holds the true b
-                                                        [0.3, 0.3, 0.4],    # set {}: misses c
-                                                        [0.1, 0.85, 0.05]]),  # set {b}: misses the true a
-                             threshold=0.5, conformal=ConformalSets(0.9, 0.55, np.array([]), 0))
+    pred = TargetPredictions(
+        ["a", "b", "c"],
+        np.array(
+            [
+                [0.7, 0.2, 0.1],  # set {a}: holds the true a
+                [0.45, 0.45, 0.1],  # set {a, b}: holds the true b
+                [0.3, 0.3, 0.4],  # set {}: misses c
+                [0.1, 0.85, 0.05],
+            ]
+        ),  # set {b}: misses the true a
+        threshold=0.5,
+        conformal=ConformalSets(0.9, 0.55, np.array([]), 0),
+    )
     assert pred.plausible_labels(1) == ["a", "b"] and pred.plausible_labels(2) == []
     m = conformal_metrics(np.array(["a", "b", "c", "a"]), pred)
     assert m["coverage"] == 0.5 and m["mean_set_size"] == 1.0 and m["single_label_share"] == 0.5
@@ -110,11 +121,14 @@ def test_temperature_keeps_the_label_and_recovers_a_known_overconfidence():
 # ----------------------------------------------------------------------------------------------------- parameters
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"policy.review_rule": "sets"}, "policy.review_rule"),
-    ({"train.conformal_level": 1.0}, "train.conformal_level"),
-    ({"train.calibration": "isotonic"}, "recalibrate 'temperature' cannot follow calibration 'isotonic'"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"policy.review_rule": "sets"}, "policy.review_rule"),
+        ({"train.conformal_level": 1.0}, "train.conformal_level"),
+        ({"train.calibration": "isotonic"}, "recalibrate 'temperature' cannot follow calibration 'isotonic'"),
+    ],
+)
 def test_bad_set_and_review_parameters_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         with_overrides(Params(), overrides)
@@ -131,8 +145,16 @@ def test_settings_written_before_recalibrate_existed_still_load():
 
 # ------------------------------------------------------------------------------------- the demo model and suggestions
 
-TEXTS = ["小区电梯坏了物业不修", "楼上漏水到我家", "举报有人非法集资", "咨询社保转移手续", "邻居装修噪音大",
-         "A3区青青家园小区公共通道被占用", "路灯不亮", "孩子入学的政策是什么"]
+TEXTS = [
+    "小区电梯坏了物业不修",
+    "楼上漏水到我家",
+    "举报有人非法集资",
+    "咨询社保转移手续",
+    "邻居装修噪音大",
+    "A3区青青家园小区公共通道被占用",
+    "路灯不亮",
+    "孩子入学的政策是什么",
+]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from pydantic import ValidationError
@@ -16,7 +16,6 @@ from serve.export import ExportLayout, csv_chunks
 from serve.schemas import build_request_models, parse_timestamp
 from serve.settings import Settings
 from serve.store import FeedbackEntry, FeedbackStore, StoreError, clean, engine_url
-
 
 # --------------------------------------------------------------------------------------------------------- settings
 
@@ -28,8 +27,9 @@ def test_settings_refuse_two_model_sources():
 
 def test_settings_load_layers_explicit_over_environment_over_params(tmp_path, monkeypatch):
     params = tmp_path / "params.yaml"
-    params.write_text("serve:\n  max_text_chars: 500\n  max_batch: 16\n  top_k: 2\ntrain:\n  model_dir: models/x\n",
-                      encoding="utf-8")
+    params.write_text(
+        "serve:\n  max_text_chars: 500\n  max_batch: 16\n  top_k: 2\ntrain:\n  model_dir: models/x\n", encoding="utf-8"
+    )
     monkeypatch.delenv("SANSHI_MODEL_DIR", raising=False)
     monkeypatch.delenv("SANSHI_MODEL_URI", raising=False)
     monkeypatch.setenv("SANSHI_MAX_BATCH", "4")
@@ -55,7 +55,9 @@ def test_request_models_carry_the_limits_and_name_the_targets():
     assert error.value.errors()[0]["loc"] == ("records",)
     with pytest.raises(ValidationError):
         models.SuggestRequest.model_validate({"text": "x" * 11})
-    ok = models.FeedbackRequest.model_validate({"text": "电梯", "model_version": "v", "labels": {"一级分类": "城乡建设"}})
+    ok = models.FeedbackRequest.model_validate(
+        {"text": "电梯", "model_version": "v", "labels": {"一级分类": "城乡建设"}}
+    )
     assert ok.labels.model_dump(by_alias=True, exclude_none=True) == {"一级分类": "城乡建设"}
     with pytest.raises(ValidationError) as error:
         models.FeedbackRequest.model_validate({"text": "电梯", "model_version": "v", "labels": {"unit": "x"}})
@@ -66,24 +68,38 @@ def test_request_models_carry_the_limits_and_name_the_targets():
 
 def test_without_known_targets_labels_are_a_mapping():
     models = build_request_models(max_text_chars=100, max_batch=2, strict=False, targets=None)
-    body = models.FeedbackRequest.model_validate({"text": "电梯", "model_version": "v", "labels": {"any": "x"},
-                                                  "unknown_field": 1})
+    body = models.FeedbackRequest.model_validate(
+        {"text": "电梯", "model_version": "v", "labels": {"any": "x"}, "unknown_field": 1}
+    )
     assert body.labels == {"any": "x"}
     with pytest.raises(ValidationError):
         models.FeedbackRequest.model_validate({"text": "电梯", "model_version": "v", "labels": {"any": " "}})
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    ("2024-03-05T08:30:00+08:00", datetime(2024, 3, 5, 8, 30, tzinfo=timezone(timedelta(hours=8)))),
-    ("2024-03-05t00:30:00.1234567z", datetime(2024, 3, 5, 0, 30, 0, 123456, tzinfo=timezone.utc)),
-    ("2016-12-31T23:59:60Z", datetime(2016, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)),
-])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2024-03-05T08:30:00+08:00", datetime(2024, 3, 5, 8, 30, tzinfo=timezone(timedelta(hours=8)))),
+        ("2024-03-05t00:30:00.1234567z", datetime(2024, 3, 5, 0, 30, 0, 123456, tzinfo=UTC)),
+        ("2016-12-31T23:59:60Z", datetime(2016, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)),
+    ],
+)
 def test_timestamps_are_rfc3339(value, expected):
     assert parse_timestamp(value) == expected
 
 
-@pytest.mark.parametrize("value", ["2024-03-05", "2024-03-05 08:30:00", "2024-03-05T08:30:00", "1709600000",
-                                   "2024-02-30T00:00:00Z", "2024-03-05T08:30:00+25:00", 1709600000])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2024-03-05",
+        "2024-03-05 08:30:00",
+        "2024-03-05T08:30:00",
+        "1709600000",
+        "2024-02-30T00:00:00Z",
+        "2024-03-05T08:30:00+25:00",
+        1709600000,
+    ],
+)
 def test_timestamps_without_offset_or_impossible_are_refused(value):
     with pytest.raises(ValueError):
         parse_timestamp(value)
@@ -112,15 +128,19 @@ def test_a_bad_database_url_is_reported_without_its_password():
 
 
 def entry(**overrides) -> FeedbackEntry:
-    values = {"text": "电梯坏了，电话13812345678", "title": "电梯", "model_version": "v1",
-              "labels": {"sanshi": "共事", "unit": "社区居委会/村委会"},
-              "suggestion": {"sanshi": {"label": "共事", "confidence": 0.9}, "unit": {"label": "住房和城乡建设局"}}}
+    values = {
+        "text": "电梯坏了，电话13812345678",
+        "title": "电梯",
+        "model_version": "v1",
+        "labels": {"sanshi": "共事", "unit": "社区居委会/村委会"},
+        "suggestion": {"sanshi": {"label": "共事", "confidence": 0.9}, "unit": {"label": "住房和城乡建设局"}},
+    }
     return FeedbackEntry(**{**values, **overrides})
 
 
 def test_store_keeps_version_suggestion_answer_and_time_masked(tmp_path):
     store = FeedbackStore(f"sqlite:///{tmp_path / 'sub' / 'feedback.db'}")
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     row = store.add(entry(received_at=datetime(2024, 3, 5, 8, 30, tzinfo=timezone(timedelta(hours=8)))))
     assert row.id == 1 and row.corrected == ["unit"]
     [stored] = list(store.rows())
@@ -129,7 +149,7 @@ def test_store_keeps_version_suggestion_answer_and_time_masked(tmp_path):
     assert stored.suggestion["unit"] == {"label": "住房和城乡建设局", "confidence": None}
     assert stored.labels == {"sanshi": "共事", "unit": "社区居委会/村委会"}
     assert stored.received_at == datetime(2024, 3, 5, 8, 30)  # the wall-clock time as given
-    assert before - timedelta(seconds=1) <= stored.created_at <= datetime.now(timezone.utc)
+    assert before - timedelta(seconds=1) <= stored.created_at <= datetime.now(UTC)
     assert store.count() == 1
     store.close()
 
@@ -153,8 +173,14 @@ def test_export_layout_follows_the_models_columns(tmp_path):
     store = FeedbackStore(f"sqlite:///{tmp_path / 'feedback.db'}")
     store.add(entry(record_id="R1"))
     store.add(entry())
-    petitions = {"columns": {"id_col": "留言编号", "text_cols": ["留言主题", "留言详情"], "time_col": "留言时间",
-                             "targets": {"sanshi": "三事", "unit": "承办单位"}}}
+    petitions = {
+        "columns": {
+            "id_col": "留言编号",
+            "text_cols": ["留言主题", "留言详情"],
+            "time_col": "留言时间",
+            "targets": {"sanshi": "三事", "unit": "承办单位"},
+        }
+    }
     layout = ExportLayout.from_metadata(petitions, ["sanshi", "unit"])
     rows = list(csv.reader(io.StringIO(b"".join(csv_chunks(layout, store.rows())).decode("utf-8-sig"))))
     assert rows[0][:6] == ["留言编号", "留言主题", "留言详情", "留言时间", "三事", "承办单位"]
@@ -165,8 +191,11 @@ def test_export_layout_follows_the_models_columns(tmp_path):
     assert rows[0][:5] == ["工单编号", "内容", "受理时间", "三事", "urgency"]  # unnamed targets keep their name
     assert rows[1][1] == "电梯\n电梯坏了，电话 PHONE"  # title and text joined the way training joins them
     segmented = ExportLayout.from_metadata({"columns": {"text_cols": [], "segmented_col": "分词"}}, ["sanshi"])
-    rows = list(csv.reader(io.StringIO(b"".join(csv_chunks(segmented, store.rows(), segment=lambda t: "电梯 坏"))
-                                       .decode("utf-8-sig"))))
+    rows = list(
+        csv.reader(
+            io.StringIO(b"".join(csv_chunks(segmented, store.rows(), segment=lambda t: "电梯 坏")).decode("utf-8-sig"))
+        )
+    )
     assert rows[0][:3] == ["工单编号", "分词", "受理时间"] and rows[1][1] == "电梯 坏"
     store.close()
 
@@ -179,8 +208,13 @@ def test_the_batcher_answers_concurrent_jobs_in_fewer_calls_with_the_same_result
     from sanshi_ml.suggest import Suggester
 
     suggester = Suggester.from_loaded(load_model(demo_model_dir))
-    jobs = [[(None, "电梯坏了物业不修")], [("噪音", "楼上每天深夜拖动家具")], [(None, "路灯不亮"), (None, "拖欠工资")],
-            [(None, "垃圾没人清运")], [(None, "小区停车位被占")]]
+    jobs = [
+        [(None, "电梯坏了物业不修")],
+        [("噪音", "楼上每天深夜拖动家具")],
+        [(None, "路灯不亮"), (None, "拖欠工资")],
+        [(None, "垃圾没人清运")],
+        [(None, "小区停车位被占")],
+    ]
     top_ks = [3, 1, 2, 3, 5]
 
     async def run() -> tuple[list, MicroBatcher]:
@@ -348,22 +382,35 @@ def test_database_errors_are_classified_by_code_and_described_without_their_mess
 # ------------------------------------------------------------------------------------------ exports and requests
 
 
-@pytest.mark.parametrize(("cell", "expected"), [
-    ("=1+1", "'=1+1"), ("+86 138", "'+86 138"), ("-2", "'-2"), ("@SUM(A1)", "'@SUM(A1)"), ("\tx", "'\tx"),
-    ("\rx", "'\rx"), ("电梯坏了 =1", "电梯坏了 =1"), ("", ""), ("'=x", "'=x"),
-])
+@pytest.mark.parametrize(
+    ("cell", "expected"),
+    [
+        ("=1+1", "'=1+1"),
+        ("+86 138", "'+86 138"),
+        ("-2", "'-2"),
+        ("@SUM(A1)", "'@SUM(A1)"),
+        ("\tx", "'\tx"),
+        ("\rx", "'\rx"),
+        ("电梯坏了 =1", "电梯坏了 =1"),
+        ("", ""),
+        ("'=x", "'=x"),
+    ],
+)
 def test_spreadsheet_cells_never_start_a_formula(cell, expected):
     from serve.export import spreadsheet_safe
 
     assert spreadsheet_safe(cell) == expected
 
 
-@pytest.mark.parametrize(("body", "kind"), [
-    (b'{"records": [' + b",".join([b'{"text": "a"}'] * 3000) + b"]}", "too_many_values"),
-    (b'{"x": [' + b"1," * 9000 + b"1]}", "too_many_values"),
-    (b'{"text": "a\\\\", "x": [' + b"1," * 9000 + b"1]}", "too_many_values"),  # an escaped backslash, then more
-    (b"[" * 9 + b"]" * 9, "too_deep"),
-])
+@pytest.mark.parametrize(
+    ("body", "kind"),
+    [
+        (b'{"records": [' + b",".join([b'{"text": "a"}'] * 3000) + b"]}", "too_many_values"),
+        (b'{"x": [' + b"1," * 9000 + b"1]}", "too_many_values"),
+        (b'{"text": "a\\\\", "x": [' + b"1," * 9000 + b"1]}", "too_many_values"),  # an escaped backslash, then more
+        (b"[" * 9 + b"]" * 9, "too_deep"),
+    ],
+)
 def test_a_body_is_measured_before_it_is_parsed(body, kind):
     from serve.app import ApiError, prescan_json
 
@@ -379,8 +426,10 @@ def test_the_prescan_passes_every_valid_request_shape():
 
     texts = ['他说："电梯坏了\\"", 还有\\\\反斜杠', "{[逗号, 冒号: 括号]}" * 50, "普通的诉求"]
     for ensure_ascii in (True, False):
-        body = json.dumps({"records": [{"id": str(n), "title": t, "text": t} for n, t in enumerate(texts * 80)]},
-                          ensure_ascii=ensure_ascii)
+        body = json.dumps(
+            {"records": [{"id": str(n), "title": t, "text": t} for n, t in enumerate(texts * 80)]},
+            ensure_ascii=ensure_ascii,
+        )
         for encoded in (body.encode(), body.encode("utf-16")):
             prescan_json(encoded, 5_000)  # passes
             assert parse_json_body(encoded, 5_000) == json.loads(body)

@@ -5,8 +5,19 @@ import pickle
 import pytest
 
 from sanshi_ml.text import (
-    TITLE_END, TITLE_MARK, Segmenter, compose, mark_titles, mask_pii, model_input, normalize, normalize_many,
-    split_segmented, split_title, strip_html)
+    TITLE_END,
+    TITLE_MARK,
+    Segmenter,
+    compose,
+    mark_titles,
+    mask_pii,
+    model_input,
+    normalize,
+    normalize_many,
+    split_segmented,
+    split_title,
+    strip_html,
+)
 
 
 def test_nfkc_folds_full_width_forms():
@@ -26,18 +37,21 @@ def test_whitespace_collapses_to_single_spaces():
     assert normalize("  噪音\t\t扰民\n\n\u3000严重 ") == "噪音 扰民 严重"
 
 
-@pytest.mark.parametrize("raw, placeholder", [
-    ("我的手机13800001234请回电", "PHONE"),
-    ("电话139-0000-5678", "PHONE"),
-    ("电话+86 138 0000 1234", "PHONE"),
-    ("座机0731-88880000", "PHONE"),
-    ("座机(010)62345678", "PHONE"),
-    ("身份证430102199001011234", "IDNUM"),
-    ("身份证43010219900101123X", "IDNUM"),
-    ("邮箱zhang.san+x@example.com.cn", "EMAIL"),
-    ("车牌湘A12345停在消防通道", "PLATE"),
-    ("新能源车牌粤B·D12345", "PLATE"),
-])
+@pytest.mark.parametrize(
+    "raw, placeholder",
+    [
+        ("我的手机13800001234请回电", "PHONE"),
+        ("电话139-0000-5678", "PHONE"),
+        ("电话+86 138 0000 1234", "PHONE"),
+        ("座机0731-88880000", "PHONE"),
+        ("座机(010)62345678", "PHONE"),
+        ("身份证430102199001011234", "IDNUM"),
+        ("身份证43010219900101123X", "IDNUM"),
+        ("邮箱zhang.san+x@example.com.cn", "EMAIL"),
+        ("车牌湘A12345停在消防通道", "PLATE"),
+        ("新能源车牌粤B·D12345", "PLATE"),
+    ],
+)
 def test_personal_data_is_replaced_by_placeholders(raw, placeholder):
     masked = normalize(raw)
     assert placeholder in masked
@@ -154,6 +168,7 @@ def test_a_lone_surrogate_becomes_a_replacement_character_not_an_error():
 
 # ------------------------------------------------------------------------------------------- skipping OpenCC's t2s
 
+
 def test_texts_without_a_trigger_are_left_to_themselves_and_the_rest_converted():
     from sanshi_ml.text import _t2s, _to_simplified, needs_simplifying
 
@@ -205,8 +220,7 @@ def test_another_opencc_version_converts_every_text(monkeypatch):
     from sanshi_ml import text as text_module
 
     real_version = importlib.metadata.version
-    monkeypatch.setattr(importlib.metadata, "version",
-                        lambda name: "0.0.1" if name == "opencc" else real_version(name))
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0.1" if name == "opencc" else real_version(name))
     text_module._t2s_triggers.cache_clear()
     try:
         assert text_module._t2s_triggers() is None

@@ -27,13 +27,16 @@ def test_the_deprecated_file_store_is_refused(uri):
         tracking_uri(with_overrides(Params(), {"tracking.uri": uri}))
 
 
-@pytest.mark.parametrize("parts, expected", [
-    (("category", "f1", "城乡建设"), "category.f1.城乡建设"),
-    (("unit", "f1", "社区居委会/村委会"), "unit.f1.社区居委会/村委会"),
-    (("category", "slice", "short_text(<50 chars)", "accuracy"), "category.slice.short_text__50 chars_.accuracy"),
-    (("category", "slice", "year=2023", "n"), "category.slice.year_2023.n"),
-    (("unit", "f1", "/a//b/"), "unit.f1./a/b"),
-])
+@pytest.mark.parametrize(
+    "parts, expected",
+    [
+        (("category", "f1", "城乡建设"), "category.f1.城乡建设"),
+        (("unit", "f1", "社区居委会/村委会"), "unit.f1.社区居委会/村委会"),
+        (("category", "slice", "short_text(<50 chars)", "accuracy"), "category.slice.short_text__50 chars_.accuracy"),
+        (("category", "slice", "year=2023", "n"), "category.slice.year_2023.n"),
+        (("unit", "f1", "/a//b/"), "unit.f1./a/b"),
+    ],
+)
 def test_metric_names_are_accepted_by_mlflow(parts, expected):
     key = metric_key(*parts)
     assert key == expected
@@ -46,9 +49,17 @@ def test_odd_labels_still_give_valid_names():
 
 
 def test_run_metrics_are_per_target_per_class_and_skip_missing_values():
-    metrics = {"sanshi": {"accuracy": 0.9, "macro_f1": 0.8, "accuracy_at_threshold": None, "ece": float("nan"),
-                          "n": 10, "per_class": {"公事": {"f1": 0.7, "precision": 0.6, "recall": 0.8, "support": 4}},
-                          "slices": {"year=2024": {"accuracy": 0.5, "macro_f1": 0.4, "n": 2}}}}
+    metrics = {
+        "sanshi": {
+            "accuracy": 0.9,
+            "macro_f1": 0.8,
+            "accuracy_at_threshold": None,
+            "ece": float("nan"),
+            "n": 10,
+            "per_class": {"公事": {"f1": 0.7, "precision": 0.6, "recall": 0.8, "support": 4}},
+            "slices": {"year=2024": {"accuracy": 0.5, "macro_f1": 0.4, "n": 2}},
+        }
+    }
     flat = run_metrics(metrics)
     assert flat["sanshi.accuracy"] == 0.9 and flat["sanshi.f1.公事"] == 0.7 and flat["sanshi.support.公事"] == 4
     assert flat["sanshi.slice.year_2024.macro_f1"] == 0.4
@@ -69,9 +80,16 @@ def test_importing_tracking_sets_no_tracking_uri(tmp_path):
     import subprocess
     import sys
 
-    code = ("import mlflow.tracking._tracking_service.utils as u; import sanshi_ml.tracking; "
-            "print(u._tracking_uri is None)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                         env={"PATH": "/usr/bin:/bin"}, check=True)
+    code = (
+        "import mlflow.tracking._tracking_service.utils as u; import sanshi_ml.tracking; print(u._tracking_uri is None)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin"},
+        check=True,
+    )
     assert out.stdout.strip() == "True"
     assert not (Path(tmp_path) / "mlflow.db").exists()

@@ -53,8 +53,9 @@ def test_tune_ranks_by_cross_validation_and_logs_nested_runs(tmp_path, repo_para
     client = MlflowClient(tracking_uri=params.tracking.uri)
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["tune.best_run_id"] == result.best.run_id
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'"
+    )
     assert {run.info.run_id for run in children} == {t.run_id for t in result.trials}
     best = client.get_run(result.best.run_id)
     assert best.data.metrics["cv.sanshi.macro_f1.mean"] == pytest.approx(result.best.score("sanshi"))

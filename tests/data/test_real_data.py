@@ -13,8 +13,23 @@ from tests.conftest import PETITION_TARGETS, SHARED_DATA, require
 
 pytestmark = pytest.mark.real_data
 
-CATEGORIES_15 = {"城乡建设", "教育文体", "政法", "环境保护", "劳动和社会保障", "交通运输", "商贸旅游", "农村农业", "经济管理",
-                 "卫生计生", "民政", "国土资源", "党务政务", "科技与信息产业", "纪检监察"}
+CATEGORIES_15 = {
+    "城乡建设",
+    "教育文体",
+    "政法",
+    "环境保护",
+    "劳动和社会保障",
+    "交通运输",
+    "商贸旅游",
+    "农村农业",
+    "经济管理",
+    "卫生计生",
+    "民政",
+    "国土资源",
+    "党务政务",
+    "科技与信息产业",
+    "纪检监察",
+}
 APPEALS = {"投诉", "举报", "求助", "咨询", "建议"}
 
 
@@ -29,8 +44,24 @@ def taxonomy() -> pd.DataFrame:
 
 
 def test_petitions_columns_and_size(petitions):
-    expected = ["留言编号", "来源", "留言用户", "留言主题", "留言时间", "留言详情", "答复意见", "答复时间", "点赞数", "反对数",
-                "一级分类", "二级分类", "三事", "承办单位", "诉求类型", "标注置信度"]
+    expected = [
+        "留言编号",
+        "来源",
+        "留言用户",
+        "留言主题",
+        "留言时间",
+        "留言详情",
+        "答复意见",
+        "答复时间",
+        "点赞数",
+        "反对数",
+        "一级分类",
+        "二级分类",
+        "三事",
+        "承办单位",
+        "诉求类型",
+        "标注置信度",
+    ]
     assert list(petitions.columns) == expected
     assert len(petitions) == 7064
     assert petitions["留言编号"].is_unique
@@ -77,7 +108,15 @@ def test_fj2_schema_and_official_labels(fj2_csv):
     frame = read_table(fj2_csv)
     assert list(frame.columns) == ["分词文本", "一级标签"]
     assert len(frame) == 7796
-    assert set(frame["一级标签"]) == {"城乡建设", "劳动和社会保障", "教育文体", "商贸旅游", "环境保护", "卫生计生", "交通运输"}
+    assert set(frame["一级标签"]) == {
+        "城乡建设",
+        "劳动和社会保障",
+        "教育文体",
+        "商贸旅游",
+        "环境保护",
+        "卫生计生",
+        "交通运输",
+    }
     records = load_records(fj2_csv, ColumnMap(segmented_col="分词文本", targets={"category": "一级标签"}))
     assert records.segmented and len(records) == 7796
 

@@ -28,8 +28,15 @@ pytestmark = pytest.mark.real_data
 ROWS = 300
 TITLE = "2024年1月12345工单明细"
 CMAP = ColumnMap(text_cols=("留言主题", "留言详情"), targets=PETITION_TARGETS, id_col="留言编号", time_col="留言时间")
-COLUMN_ARGS = ["--text-cols", "留言主题,留言详情", "--id-col", "留言编号", "--time-col", "留言时间",
-               *[arg for name, column in PETITION_TARGETS.items() for arg in ("--target", f"{name}={column}")]]
+COLUMN_ARGS = [
+    "--text-cols",
+    "留言主题,留言详情",
+    "--id-col",
+    "留言编号",
+    "--time-col",
+    "留言时间",
+    *[arg for name, column in PETITION_TARGETS.items() for arg in ("--target", f"{name}={column}")],
+]
 runner = CliRunner()
 
 
@@ -68,9 +75,15 @@ def _write(frame: pd.DataFrame, path: Path, form: str) -> Path:
             frame.to_excel(writer, sheet_name="工单明细", index=False, startrow=1)
             writer.sheets["工单明细"]["A1"] = TITLE
         return path
-    encoding, sep = {"gb18030": ("gb18030", ","), "utf-8-sig": ("utf-8-sig", ","), "utf-8": ("utf-8", ","),
-                     "utf-16": ("utf-16", "\t"), "big5": ("big5", ","), "semicolon": ("utf-8", ";"),
-                     "gb18030-title": ("gb18030", ",")}[form]
+    encoding, sep = {
+        "gb18030": ("gb18030", ","),
+        "utf-8-sig": ("utf-8-sig", ","),
+        "utf-8": ("utf-8", ","),
+        "utf-16": ("utf-16", "\t"),
+        "big5": ("big5", ","),
+        "semicolon": ("utf-8", ";"),
+        "gb18030-title": ("gb18030", ","),
+    }[form]
     with open(path, "w", encoding=encoding, errors="strict", newline="") as handle:
         if form == "gb18030-title":
             handle.write(TITLE + "," * (len(frame.columns) - 1) + "\r\n")
@@ -106,9 +119,12 @@ def test_every_form_loads_as_the_utf8_original_through_the_loader_and_the_cli(fo
     cmap = CMAP
     if form == "big5":  # the same rows in the same characters, so the records must be identical
         convert = opencc.OpenCC("s2t").convert
-        cmap = ColumnMap(text_cols=tuple(map(convert, CMAP.text_cols)), id_col=convert(CMAP.id_col),
-                         time_col=convert(CMAP.time_col),
-                         targets={k: convert(v) for k, v in CMAP.targets.items()})
+        cmap = ColumnMap(
+            text_cols=tuple(map(convert, CMAP.text_cols)),
+            id_col=convert(CMAP.id_col),
+            time_col=convert(CMAP.time_col),
+            targets={k: convert(v) for k, v in CMAP.targets.items()},
+        )
     reference = load_records(original, cmap)
     path = _write(frame, tmp_path / name, form)
     read = ReadOptions(sheet="工单明细") if form == "excel" else None
@@ -118,15 +134,21 @@ def test_every_form_loads_as_the_utf8_original_through_the_loader_and_the_cli(fo
     _same(load_records(path, cmap, read), reference)
 
     if form == "big5":
-        args = [arg for pair in zip(["--text-cols", "--id-col", "--time-col"],
-                                    [",".join(cmap.text_cols), cmap.id_col, cmap.time_col]) for arg in pair]
+        args = [
+            arg
+            for pair in zip(
+                ["--text-cols", "--id-col", "--time-col"], [",".join(cmap.text_cols), cmap.id_col, cmap.time_col]
+            )
+            for arg in pair
+        ]
         args += [arg for t, c in cmap.targets.items() for arg in ("--target", f"{t}={c}")]
     else:
         args = COLUMN_ARGS
     params = tmp_path / "params.yaml"
     params.write_text("tracking:\n  enabled: false\n", encoding="utf-8")
-    result = runner.invoke(app, ["prepare", str(path), "--out", str(tmp_path / "prepared"), "--params", str(params),
-                                 *args, *options])
+    result = runner.invoke(
+        app, ["prepare", str(path), "--out", str(tmp_path / "prepared"), "--params", str(params), *args, *options]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "prepared" / "prepare.json").read_text(encoding="utf-8"))
     assert report["data_sha256"] == reference.content_hash()
@@ -136,8 +158,12 @@ def test_every_form_loads_as_the_utf8_original_through_the_loader_and_the_cli(fo
 def test_gb18030_with_ascii_column_names_is_decoded_not_garbled(rows, tmp_path):
     names = {column: f"col{i}" for i, column in enumerate(rows.columns)}
     ascii_rows = rows.rename(columns=names)
-    cmap = ColumnMap(text_cols=(names["留言主题"], names["留言详情"]), id_col=names["留言编号"],
-                     time_col=names["留言时间"], targets={t: names[c] for t, c in PETITION_TARGETS.items()})
+    cmap = ColumnMap(
+        text_cols=(names["留言主题"], names["留言详情"]),
+        id_col=names["留言编号"],
+        time_col=names["留言时间"],
+        targets={t: names[c] for t, c in PETITION_TARGETS.items()},
+    )
     ascii_rows.to_csv(tmp_path / "original.csv", index=False)
     ascii_rows.to_csv(tmp_path / "gb.csv", index=False, encoding="gb18030")
     records = load_records(tmp_path / "gb.csv", cmap)
@@ -150,8 +176,14 @@ def test_gb18030_with_ascii_column_names_is_decoded_not_garbled(rows, tmp_path):
 def archives(petitions_csv, tmp_path_factory):
     """The real messages under the demo model's column names: UTF-8, and GB18030 with a title row."""
     messages = pd.read_csv(petitions_csv, dtype=str, keep_default_na=False, nrows=1_000)
-    frame = pd.DataFrame({"工单编号": messages["留言编号"], "标题": messages["留言主题"],
-                          "诉求内容": messages["留言详情"], "受理时间": messages["留言时间"]})
+    frame = pd.DataFrame(
+        {
+            "工单编号": messages["留言编号"],
+            "标题": messages["留言主题"],
+            "诉求内容": messages["留言详情"],
+            "受理时间": messages["留言时间"],
+        }
+    )
     root = tmp_path_factory.mktemp("archives")
     utf8, gb = root / "archive-utf8.csv", root / "archive-gb18030.csv"
     frame.to_csv(utf8, index=False)
@@ -163,8 +195,9 @@ def archives(petitions_csv, tmp_path_factory):
 
 def test_scoring_a_gb18030_archive_gives_the_utf8_output_also_when_resumed(archives, demo_model_dir, tmp_path):
     utf8, gb = archives
-    expected = pq.read_table(score([utf8], demo_model_dir, tmp_path / "utf8.parquet", chunk_size=300, jobs=1,
-                                   progress=False).out)
+    expected = pq.read_table(
+        score([utf8], demo_model_dir, tmp_path / "utf8.parquet", chunk_size=300, jobs=1, progress=False).out
+    )
     assert expected.num_rows == 1_000 and set(expected.column("status").to_pylist()) == {"ok"}
     out = tmp_path / "gb.parquet"
     result = score([gb], demo_model_dir, out, chunk_size=300, jobs=1, progress=False, keep_parts=True)
@@ -177,17 +210,49 @@ def test_scoring_a_gb18030_archive_gives_the_utf8_output_also_when_resumed(archi
     part_paths(parts, 1)[1].unlink()
     part_paths(parts, 3)[0].unlink()
     out.unlink()
-    result = runner.invoke(app, ["score", str(gb), "--model-dir", str(demo_model_dir), "--out", str(out),
-                                 "--chunk-size", "300", "--jobs", "1", "--resume", "--no-progress"])
+    result = runner.invoke(
+        app,
+        [
+            "score",
+            str(gb),
+            "--model-dir",
+            str(demo_model_dir),
+            "--out",
+            str(out),
+            "--chunk-size",
+            "300",
+            "--jobs",
+            "1",
+            "--resume",
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "1000 records" in result.output and "gb18030 (detected), header on row 2" in result.output
     assert pq.read_table(out).equals(expected)
 
     # The same options on the command line read it the same way, and still resume nothing of another run.
     out.unlink()
-    result = runner.invoke(app, ["score", str(gb), "--model-dir", str(demo_model_dir), "--out", str(out),
-                                 "--chunk-size", "300", "--jobs", "2", "--encoding", "gbk", "--header-row", "2",
-                                 "--no-progress"])
+    result = runner.invoke(
+        app,
+        [
+            "score",
+            str(gb),
+            "--model-dir",
+            str(demo_model_dir),
+            "--out",
+            str(out),
+            "--chunk-size",
+            "300",
+            "--jobs",
+            "2",
+            "--encoding",
+            "gbk",
+            "--header-row",
+            "2",
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert pq.read_table(out).equals(expected)
 
@@ -210,10 +275,10 @@ def _real_csvs() -> list[Path]:
     return sorted(SHARED_DATA.glob("*/*.csv"))
 
 
-@pytest.mark.parametrize("name", ["petitions_silver.csv", "fj2_segmented.csv", "fj3_unlabeled.csv",
-                                  "fj4_replies_with_derived_unit.csv"])
-def test_real_exports_with_multiline_cells_are_read_by_the_fast_path_and_the_careful_reader_alike(petitions_csv,
-                                                                                                  name):
+@pytest.mark.parametrize(
+    "name", ["petitions_silver.csv", "fj2_segmented.csv", "fj3_unlabeled.csv", "fj4_replies_with_derived_unit.csv"]
+)
+def test_real_exports_with_multiline_cells_are_read_by_the_fast_path_and_the_careful_reader_alike(petitions_csv, name):
     """The real texts hold line breaks (up to 39 in a cell): none of them is taken for swallowed records, and the
     careful reader, which a damaged file is read with, gives the fast path's frame cell for cell."""
     from sanshi_ml.readers import MALFORMED_LINE, _careful_frames, iter_table, read_table
@@ -235,11 +300,16 @@ def test_real_multiline_texts_in_narrow_exports_are_never_flagged(petitions_csv,
     from sanshi_ml.readers import MALFORMED_LINE, malformed_lines, read_table
 
     messages = pd.read_csv(petitions_csv, dtype=str, keep_default_na=False)
-    columns = {"编号": messages["留言编号"], "内容": messages["留言主题"] + "\n" + messages["留言详情"],
-               "受理时间": messages["留言时间"], "标题": messages["留言主题"], "一级分类": messages["一级分类"],
-               "三事": messages["三事"]}
+    columns = {
+        "编号": messages["留言编号"],
+        "内容": messages["留言主题"] + "\n" + messages["留言详情"],
+        "受理时间": messages["留言时间"],
+        "标题": messages["留言主题"],
+        "一级分类": messages["一级分类"],
+        "三事": messages["三事"],
+    }
     for text_column in range(width):  # the texts in every position, first and last included
-        names = [n for n in columns if n != "内容"][:width - 1]
+        names = [n for n in columns if n != "内容"][: width - 1]
         names.insert(text_column, "内容")
         frame = pd.DataFrame({n: columns[n] for n in names})
         path = tmp_path / f"narrow{width}_{text_column}.csv"
@@ -247,8 +317,9 @@ def test_real_multiline_texts_in_narrow_exports_are_never_flagged(petitions_csv,
         read = read_table(path)
         lines = malformed_lines(read)
         assert lines is None or not lines.any()
-        pd.testing.assert_frame_equal(read.drop(columns=MALFORMED_LINE, errors="ignore").fillna(""), frame,
-                                      check_dtype=False)
+        pd.testing.assert_frame_equal(
+            read.drop(columns=MALFORMED_LINE, errors="ignore").fillna(""), frame, check_dtype=False
+        )
 
 
 def test_a_stray_quote_in_a_real_export_loses_no_record(petitions_csv, tmp_path):

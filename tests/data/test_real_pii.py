@@ -18,8 +18,15 @@ pytestmark = pytest.mark.real_data
 PLACEHOLDER = re.compile("|".join(sorted(set(PII_PLACEHOLDERS.values()))))
 INVISIBLE = re.compile("[\u00ad\u200b-\u200f\u2060-\u206f\ufeff]")
 # What masking replaces in the whole file, found by reading every match (two texts hold the same two plates).
-EXPECTED_MASKED = {"0745-2232401": 1, "0735-6621655": 1, "189 7318 7780": 1, "赣A50397": 1, "鄂A600HV6": 1,
-                   "赣a50397": 1, "鄂a600hv6": 1}
+EXPECTED_MASKED = {
+    "0745-2232401": 1,
+    "0735-6621655": 1,
+    "189 7318 7780": 1,
+    "赣A50397": 1,
+    "鄂A600HV6": 1,
+    "赣a50397": 1,
+    "鄂a600hv6": 1,
+}
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +66,9 @@ def test_normalisation_masks_the_same_texts_and_keeps_every_other_number(texts):
     flagged = [i for i, text in enumerate(normalised) if PLACEHOLDER.search(text)]
     assert len(flagged) == 5
     changed = [i for i, (a, b) in enumerate(zip(normalised, unmasked)) if a != b]
-    assert set(changed) - set(flagged) == {i for i in changed if INVISIBLE.sub("", normalised[i])
-                                          == INVISIBLE.sub("", unmasked[i])}
+    assert set(changed) - set(flagged) == {
+        i for i in changed if INVISIBLE.sub("", normalised[i]) == INVISIBLE.sub("", unmasked[i])
+    }
     # The numbers outside the masked pieces are all still there.
     numbers = re.compile(r"\d+")
     for i in changed:

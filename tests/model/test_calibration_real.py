@@ -26,7 +26,8 @@ def fj2_metrics(fj2_csv, repo_params):
     records = load_records(fj2_csv, ColumnMap(segmented_col="分词文本", targets={"category": "一级标签"}))
     train_idx, test_idx = split_indices(records, 0.3, 0)
     model = TriageModel(repo_params.text, repo_params.features, repo_params.train).fit(
-        subset(records, train_idx), progress=lambda _m: None)
+        subset(records, train_idx), progress=lambda _m: None
+    )
     return evaluate_model(model, subset(records, test_idx))["category"]
 
 
@@ -51,8 +52,9 @@ def petitions_metrics(petitions_model_dir, petitions_csv):
     records = load_records(petitions_csv, ColumnMap(text_cols=("留言主题", "留言详情"), targets=PETITION_TARGETS))
     graded = grade(records, loaded)
     assert graded.source == "out_of_fold"
-    return evaluate_model(loaded.model, graded.records, predictions=graded.predictions,
-                          uncalibrated=graded.uncalibrated)
+    return evaluate_model(
+        loaded.model, graded.records, predictions=graded.predictions, uncalibrated=graded.uncalibrated
+    )
 
 
 @pytest.mark.parametrize("target", list(PETITION_TARGETS))

@@ -59,8 +59,15 @@ TEST_HOSTS = ["testserver", "127.0.0.1", "localhost"]
 def make_settings(model_dir: Path, database_url: str, **overrides):
     from serve.settings import Settings
 
-    return Settings(**{"model_dir": model_dir, "database_url": database_url, "api_key": API_KEY,
-                       "allowed_hosts": TEST_HOSTS, **overrides})
+    return Settings(
+        **{
+            "model_dir": model_dir,
+            "database_url": database_url,
+            "api_key": API_KEY,
+            "allowed_hosts": TEST_HOSTS,
+            **overrides,
+        }
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- PostgreSQL
@@ -70,8 +77,11 @@ def postgres_bin() -> Path | None:
     """The newest installed PostgreSQL's bin directory (Debian puts it in /usr/lib/postgresql/<version>/bin)."""
     for root in PG_ROOTS:
         if root.is_dir():
-            versions = sorted((p for p in root.iterdir() if (p / "bin" / "initdb").exists()),
-                              key=lambda p: int(p.name) if p.name.isdigit() else 0, reverse=True)
+            versions = sorted(
+                (p for p in root.iterdir() if (p / "bin" / "initdb").exists()),
+                key=lambda p: int(p.name) if p.name.isdigit() else 0,
+                reverse=True,
+            )
             if versions:
                 return versions[0] / "bin"
     found = shutil.which("initdb")
@@ -113,26 +123,59 @@ class PostgresServer:
         subprocess.run([*self.prefix, *cmd], check=True, capture_output=True, timeout=120)
 
     def create(self) -> None:
-        self.run(str(self.binaries / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                 "--locale=C", "--no-sync")
+        self.run(
+            str(self.binaries / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        )
         self.start()
-        self.run(str(self.binaries / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
-                 "sanshi_feedback")
+        self.run(
+            str(self.binaries / "createdb"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            "postgres",
+            "sanshi_feedback",
+        )
 
     def start(self) -> None:
-        self.run(str(self.binaries / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o",
-                 f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+        self.run(
+            str(self.binaries / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "start",
+        )
 
     def stop(self, mode: str = "fast") -> None:
-        subprocess.run([*self.prefix, str(self.binaries / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"],
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            [*self.prefix, str(self.binaries / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"],
+            capture_output=True,
+            timeout=60,
+        )
 
     def execute(self, *statements: str) -> None:
         """Run statements as the superuser on the maintenance database (autocommit)."""
         import psycopg
 
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
-                             autocommit=True) as connection:
+        with psycopg.connect(
+            f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True
+        ) as connection:
             for statement in statements:
                 connection.execute(statement)
 
@@ -274,8 +317,10 @@ def read_only_file(path: Path) -> Iterator[None]:
         finally:
             path.chmod(mode)
         return
-    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)],
-                                                        capture_output=True).returncode != 0:
+    if (
+        shutil.which("chattr") is None
+        or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0
+    ):
         pytest.skip("running as root on a file system without chattr +i: cannot make a file read-only")
     try:
         yield
@@ -287,8 +332,9 @@ def read_only_file(path: Path) -> Iterator[None]:
 def small_disk(path: Path, size: str = "4m") -> Iterator[Path]:
     """A real small file system (tmpfs) mounted at ``path``, to fill up; skipped where mounting is not allowed."""
     path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0777", "tmpfs", str(path)],
-                             capture_output=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0777", "tmpfs", str(path)], capture_output=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode(errors='replace')}")
     try:

@@ -38,9 +38,27 @@ def archive(tmp_path_factory) -> Path:
 
 
 def run_score(archive: Path, model_dir: Path, out: Path, *extra: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([SANSHI_ML, "score", str(archive), "--model-dir", str(model_dir), "--out", str(out),
-                             "--chunk-size", "100", "--jobs", "2", "--no-progress", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [
+            SANSHI_ML,
+            "score",
+            str(archive),
+            "--model-dir",
+            str(model_dir),
+            "--out",
+            str(out),
+            "--chunk-size",
+            "100",
+            "--jobs",
+            "2",
+            "--no-progress",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 @pytest.mark.slow
@@ -102,11 +120,16 @@ def test_dask_local_cluster_output_equals_the_single_machine_output(demo_model_d
     columns = ColumnMap(text_cols=("标题", "诉求内容"), time_col="受理时间")
     inputs = [tmp_path / "a.csv", tmp_path / "b.csv"]
     local = score(inputs, demo_model_dir, tmp_path / "local_csv.parquet", columns=columns, jobs=1, progress=False)
-    on_dask = score(inputs, demo_model_dir, tmp_path / "dask_csv.parquet", columns=columns, dask="local:2",
-                    progress=False)
+    on_dask = score(
+        inputs, demo_model_dir, tmp_path / "dask_csv.parquet", columns=columns, dask="local:2", progress=False
+    )
     expected = _plain(local.out)
-    assert expected["id"].iloc[[0, 250, 259, 260]].tolist() == ["a.csv:row1", "b.csv:row1", "b.csv:line11",
-                                                                 "b.csv:row11"]
+    assert expected["id"].iloc[[0, 250, 259, 260]].tolist() == [
+        "a.csv:row1",
+        "b.csv:row1",
+        "b.csv:line11",
+        "b.csv:row11",
+    ]
     assert (expected["status"] == "malformed").sum() == 1 and len(expected) == len(demo)
     pd.testing.assert_frame_equal(_plain(on_dask.out), expected)
 

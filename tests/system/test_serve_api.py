@@ -161,8 +161,12 @@ def test_top_k_can_be_asked_for(served):
 
 
 def test_batch_answers_in_order_and_matches_single_requests(served):
-    texts = ["楼上邻居每天深夜拖动家具，噪音太大，沟通无果", TEXT, "建议周末延长地铁末班车时间到十一点半",
-             "公司拖欠三个月工资不发，老板联系不上"]
+    texts = [
+        "楼上邻居每天深夜拖动家具，噪音太大，沟通无果",
+        TEXT,
+        "建议周末延长地铁末班车时间到十一点半",
+        "公司拖欠三个月工资不发，老板联系不上",
+    ]
     records = [{"id": f"R{i}", "text": t} for i, t in enumerate(texts)]
     body = served.post("/v1/suggest/batch", json={"records": records}).json()
     assert [s["id"] for s in body["suggestions"]] == ["R0", "R1", "R2", "R3"]
@@ -172,8 +176,12 @@ def test_batch_answers_in_order_and_matches_single_requests(served):
 
 
 def test_concurrent_requests_get_the_answers_they_would_get_alone(served):
-    texts = [f"第{i}号楼{word}" for i, word in enumerate(
-        ["电梯坏了物业不修", "楼上噪音扰民", "路灯不亮", "拖欠工资", "垃圾没人清运", "小区停车位被占"] * 3)]
+    texts = [
+        f"第{i}号楼{word}"
+        for i, word in enumerate(
+            ["电梯坏了物业不修", "楼上噪音扰民", "路灯不亮", "拖欠工资", "垃圾没人清运", "小区停车位被占"] * 3
+        )
+    ]
     alone = {t: served.post("/v1/suggest", json={"text": t}).json() for t in texts}
     answers: dict[str, dict] = {}
 
@@ -265,9 +273,14 @@ def test_validation_errors_do_not_echo_the_text(served):
 
 
 def feedback_body(**overrides) -> dict:
-    body = {"id": "D9", "title": TITLE, "text": TEXT, "model_version": "abc123",
-            "suggestion": {"sanshi": {"label": "共事", "confidence": 0.9}, "unit": {"label": "住房和城乡建设局"}},
-            "labels": {"sanshi": "共事", "unit": "社区居委会/村委会", "category": "城乡建设", "appeal": "投诉"}}
+    body = {
+        "id": "D9",
+        "title": TITLE,
+        "text": TEXT,
+        "model_version": "abc123",
+        "suggestion": {"sanshi": {"label": "共事", "confidence": 0.9}, "unit": {"label": "住房和城乡建设局"}},
+        "labels": {"sanshi": "共事", "unit": "社区居委会/村委会", "category": "城乡建设", "appeal": "投诉"},
+    }
     return {**body, **overrides}
 
 
@@ -315,8 +328,12 @@ def test_feedback_reports_accepted_and_corrected_fields(served):
 
 BAD_FEEDBACK = [
     pytest.param({"labels": {"colour": "red"}}, "labels.colour", "unknown_target", id="unknown-target"),
-    pytest.param({"suggestion": {"colour": {"label": "red"}}}, "suggestion.colour", "unknown_target",
-                 id="unknown-suggested-target"),
+    pytest.param(
+        {"suggestion": {"colour": {"label": "red"}}},
+        "suggestion.colour",
+        "unknown_target",
+        id="unknown-suggested-target",
+    ),
     pytest.param({"labels": {"sanshi": "  "}}, "labels.sanshi", None, id="blank-label"),
     pytest.param({"labels": {}}, "labels", None, id="no-labels"),
     pytest.param({"labels": {"sanshi": 3}}, "labels.sanshi", "string_type", id="label-not-a-string"),
@@ -325,10 +342,18 @@ BAD_FEEDBACK = [
     pytest.param({"received_at": "yesterday"}, "received_at", None, id="bad-time"),
     pytest.param({"received_at": "2024-03-05 08:30:00"}, "received_at", None, id="time-without-offset"),
     pytest.param({"received_at": 1709600000}, "received_at", None, id="time-as-number"),
-    pytest.param({"suggestion": {"sanshi": {"label": "共事", "confidence": True}}}, "suggestion.sanshi.confidence",
-                 "float_type", id="confidence-not-a-number"),
-    pytest.param({"suggestion": {"sanshi": {"label": "共事", "confidence": 1.5}}}, "suggestion.sanshi.confidence",
-                 "less_than_equal", id="confidence-over-1"),
+    pytest.param(
+        {"suggestion": {"sanshi": {"label": "共事", "confidence": True}}},
+        "suggestion.sanshi.confidence",
+        "float_type",
+        id="confidence-not-a-number",
+    ),
+    pytest.param(
+        {"suggestion": {"sanshi": {"label": "共事", "confidence": 1.5}}},
+        "suggestion.sanshi.confidence",
+        "less_than_equal",
+        id="confidence-over-1",
+    ),
     pytest.param({"clerk": "x" * 65}, "clerk", "string_too_long", id="clerk-too-long"),
 ]
 
@@ -352,8 +377,9 @@ def test_personal_data_is_masked_before_it_is_stored_or_logged(demo_model_dir, t
     text = f"我叫张三，电话{PHONE}，身份证{ID_NUMBER}，邮箱{EMAIL}，备用电话{full_width_phone}，小区电梯坏了。"
     with caplog.at_level(logging.DEBUG), TestClient(app) as client:
         wait_ready(client)
-        stored = client.post("/v1/feedback", json=feedback_body(text=text, title=f"电梯坏了 {PHONE}",
-                                                                clerk=EMAIL), headers=KEY)
+        stored = client.post(
+            "/v1/feedback", json=feedback_body(text=text, title=f"电梯坏了 {PHONE}", clerk=EMAIL), headers=KEY
+        )
         assert stored.status_code == 201
         export = client.get("/v1/feedback/export", headers=KEY).content.decode("utf-8-sig")
         rows = list(app.state.sanshi.store.rows())
@@ -401,11 +427,20 @@ def test_corrections_from_the_export_train_the_next_model(demo_model_dir, tmp_pa
         for number, (title, text, category, sanshi, unit, appeal) in enumerate(corrections):
             suggestion = client.post("/v1/suggest", json={"title": title, "text": text}).json()
             labels = {"category": category, "sanshi": sanshi, "unit": unit, "appeal": appeal}
-            response = client.post("/v1/feedback", headers=KEY, json={
-                "id": f"FB-{number}", "title": title, "text": text, "model_version": suggestion["model_version"],
-                "suggestion": {t: {"label": f["label"], "confidence": f["confidence"]}
-                               for t, f in suggestion["fields"].items()},
-                "labels": labels})
+            response = client.post(
+                "/v1/feedback",
+                headers=KEY,
+                json={
+                    "id": f"FB-{number}",
+                    "title": title,
+                    "text": text,
+                    "model_version": suggestion["model_version"],
+                    "suggestion": {
+                        t: {"label": f["label"], "confidence": f["confidence"]} for t, f in suggestion["fields"].items()
+                    },
+                    "labels": labels,
+                },
+            )
             assert response.status_code == 201
         export = tmp_path / "feedback.csv"
         export.write_bytes(client.get("/v1/feedback/export", headers=KEY).content)
@@ -417,8 +452,9 @@ def test_corrections_from_the_export_train_the_next_model(demo_model_dir, tmp_pa
         assert loaded.frame[target].tolist() == [c[index] for c in corrections]
     assert "PHONE" in loaded.frame["text"][2] and "13800001111" not in export.read_text(encoding="utf-8-sig")
 
-    result = train([DEMO_CSV, export], repo_params, model_dir=tmp_path / "retrained", progress=lambda _m: None,
-                   track=False)
+    result = train(
+        [DEMO_CSV, export], repo_params, model_dir=tmp_path / "retrained", progress=lambda _m: None, track=False
+    )
     demo_rows = len(load_records(DEMO_CSV, columns).frame) + len(load_records(DEMO_CSV, columns).report.empty_text_ids)
     assert result.records.report.rows_read == demo_rows + len(corrections)
     assert result.metadata["data"]["sources"] == [str(DEMO_CSV), str(export)]
@@ -541,8 +577,9 @@ def test_a_client_value_cannot_forge_a_log_line(demo_model_dir, tmp_path, caplog
         wait_ready(client)
         for field in ("model_version", "clerk", "id"):
             for breaker in ("\n", "\r\n", "\u2028", "\x85"):
-                response = client.post("/v1/feedback", headers=KEY, json=feedback_body(
-                    **{field: f"v1{breaker}{FORGED}"}))
+                response = client.post(
+                    "/v1/feedback", headers=KEY, json=feedback_body(**{field: f"v1{breaker}{FORGED}"})
+                )
                 assert response.status_code in (201, 422), response.text
                 if response.status_code == 422:
                     assert_error(response, 422, field)
@@ -557,16 +594,21 @@ def test_the_log_filter_escapes_every_line_break_and_control_character():
 
     assert escape("v1\nINFO forged\r\x1b[31m\u2028\x85") == "v1\\nINFO forged\\r\\x1b[31m\\u2028\\x85"
     assert escape("电梯 a\\b") == "电梯 a\\b"  # nothing to escape: the value as it is
-    record = logging.LogRecord("serve.store", logging.INFO, __file__, 1, "stored %d: model %s, %s", (
-        7, "v1\nERROR forged", ["a\nb"]), None)
+    record = logging.LogRecord(
+        "serve.store", logging.INFO, __file__, 1, "stored %d: model %s, %s", (7, "v1\nERROR forged", ["a\nb"]), None
+    )
     assert EscapingFilter().filter(record)
     assert record.getMessage() == "stored 7: model v1\\nERROR forged, ['a\\nb']"  # a list's repr escapes itself
 
 
 def test_exported_cells_cannot_run_as_spreadsheet_formulas(demo_model_dir, tmp_path):
     app = create_app(make_settings(demo_model_dir, f"sqlite:///{tmp_path / 'f.db'}"))
-    values = {"id": "@SUM(1+1)*cmd|' /C calc'!A0", "title": '=HYPERLINK("http://evil.example","点击")',
-              "text": "+1 小区电梯坏了，-2 楼也停电", "labels": {"unit": "-社区居委会", "sanshi": "=共事"}}
+    values = {
+        "id": "@SUM(1+1)*cmd|' /C calc'!A0",
+        "title": '=HYPERLINK("http://evil.example","点击")',
+        "text": "+1 小区电梯坏了，-2 楼也停电",
+        "labels": {"unit": "-社区居委会", "sanshi": "=共事"},
+    }
     with TestClient(app) as client:
         wait_ready(client)
         assert client.post("/v1/feedback", headers=KEY, json=feedback_body(**values)).status_code == 201
@@ -592,13 +634,23 @@ def test_error_bodies_list_the_first_ten_problems_and_count_them_all(served):
     assert len(response.content) < 4_000
 
 
-@pytest.mark.parametrize(("payload", "field", "kind"), [
-    pytest.param({"records": [{"text": "a", **{f"f{n}": 0 for n in range(100)}}]}, "records.0", "too_many_fields",
-                 id="too-many-fields"),
-    pytest.param({"text": "a", "title": [[[[[[[[["deep"]]]]]]]]]}, "title.0.0.0.0.0.0.0", "too_deep", id="too-deep"),
-    pytest.param({"records": [{"text": "a", "x": list(range(6_000))}]}, "body", "too_many_values",
-                 id="too-many-values"),
-])
+@pytest.mark.parametrize(
+    ("payload", "field", "kind"),
+    [
+        pytest.param(
+            {"records": [{"text": "a", **{f"f{n}": 0 for n in range(100)}}]},
+            "records.0",
+            "too_many_fields",
+            id="too-many-fields",
+        ),
+        pytest.param(
+            {"text": "a", "title": [[[[[[[[["deep"]]]]]]]]]}, "title.0.0.0.0.0.0.0", "too_deep", id="too-deep"
+        ),
+        pytest.param(
+            {"records": [{"text": "a", "x": list(range(6_000))}]}, "body", "too_many_values", id="too-many-values"
+        ),
+    ],
+)
 def test_a_body_shaped_like_no_request_is_refused_before_validation(served, payload, field, kind):
     path = "/v1/suggest/batch" if "records" in payload else "/v1/suggest"
     response = served.post(path, json=payload)
@@ -648,8 +700,11 @@ def test_the_api_docs_are_served_from_the_package_not_a_cdn(served):
 
 
 def test_only_allowed_host_names_are_answered(demo_model_dir, tmp_path):
-    settings = make_settings(demo_model_dir, f"sqlite:///{tmp_path / 'f.db'}",
-                             allowed_hosts=["testserver", "sanshi.intranet", "*.hotline.example"])
+    settings = make_settings(
+        demo_model_dir,
+        f"sqlite:///{tmp_path / 'f.db'}",
+        allowed_hosts=["testserver", "sanshi.intranet", "*.hotline.example"],
+    )
     with TestClient(create_app(settings)) as client:
         assert client.get("/health").status_code == 200
         assert client.get("/health", headers={"Host": "sanshi.intranet:8000"}).status_code == 200

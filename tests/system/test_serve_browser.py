@@ -20,8 +20,15 @@ from tests.conftest import REPO
 from tests.system.serve_support import API_KEY, LiveServer, make_settings
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TITLE = "楼上邻居深夜噪音"
 TEXT = "楼上邻居每天晚上十二点以后还在拖动家具、走路很重，吵得全家睡不着，上去沟通过两次都没有改善，电话13812345678。"
 
@@ -73,7 +80,7 @@ def test_a_clerk_gets_a_suggestion_corrects_it_and_the_correction_is_exported(ch
         assert suggestion["fields"]["sanshi"]["label"] in sanshi_card.locator(".label").inner_text()
         colour = suggestion["fields"]["sanshi"]["sanshi"]["colour_hex"]
         border = sanshi_card.evaluate("el => getComputedStyle(el).borderLeftColor")
-        assert border == "rgb({}, {}, {})".format(*(int(colour[i:i + 2], 16) for i in (1, 3, 5)))
+        assert border == "rgb({}, {}, {})".format(*(int(colour[i : i + 2], 16) for i in (1, 3, 5)))
         assert page.locator('[data-target="category"] .bar-fill').evaluate("el => el.style.width").endswith("%")
         assert page.locator('[data-target="sanshi"] .term').count() >= 1  # the reason terms are shown
         review_badges = page.locator(".card .badge.review:not([hidden])").count()

@@ -34,6 +34,7 @@ def answer(text: str, **extra) -> dict:
 def db_files(db: Path) -> list[Path]:
     return [p for p in (db, Path(f"{db}-wal"), Path(f"{db}-shm")) if p.exists()]
 
+
 SANSHI_ML = Path(sys.executable).with_name("sanshi-ml")
 
 
@@ -43,9 +44,23 @@ def test_serve_starts_workers_that_answer_and_store_feedback(demo_model_dir, tmp
     env = {**os.environ, "SANSHI_API_KEY": API_KEY}
     env.pop("SANSHI_MODEL_URI", None)
     server = subprocess.Popen(
-        [str(SANSHI_ML), "serve", "--model-dir", str(demo_model_dir), "--port", str(port), "--workers", "2",
-         "--database-url", f"sqlite:///{tmp_path / 'feedback.db'}"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        [
+            str(SANSHI_ML),
+            "serve",
+            "--model-dir",
+            str(demo_model_dir),
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--database-url",
+            f"sqlite:///{tmp_path / 'feedback.db'}",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -60,8 +75,15 @@ def test_serve_starts_workers_that_answer_and_store_feedback(demo_model_dir, tmp
         assert ready >= 6
         answer = httpx.post(url + "/v1/suggest", json={"text": "小区电梯坏了，物业不修"}).json()
         assert answer["fields"]["sanshi"]["label"] in {"公事", "共事", "家事"}
-        stored = httpx.post(url + "/v1/feedback", headers={"X-API-Key": API_KEY}, json={
-            "text": "小区电梯坏了，物业不修", "model_version": answer["model_version"], "labels": {"sanshi": "共事"}})
+        stored = httpx.post(
+            url + "/v1/feedback",
+            headers={"X-API-Key": API_KEY},
+            json={
+                "text": "小区电梯坏了，物业不修",
+                "model_version": answer["model_version"],
+                "labels": {"sanshi": "共事"},
+            },
+        )
         assert stored.status_code == 201
         assert (tmp_path / "feedback.db").exists()
     finally:
@@ -74,24 +96,45 @@ def test_serve_starts_workers_that_answer_and_store_feedback(demo_model_dir, tmp
 
 
 def test_serve_with_a_missing_model_fails_in_one_line(tmp_path):
-    result = subprocess.run([str(SANSHI_ML), "serve", "--model-dir", str(tmp_path / "nothing")], cwd=REPO,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(SANSHI_ML), "serve", "--model-dir", str(tmp_path / "nothing")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "model directory not found" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_serve_refuses_two_model_sources(demo_model_dir):
-    result = subprocess.run([str(SANSHI_ML), "serve", "--model-dir", str(demo_model_dir), "--model-uri",
-                             "models:/sanshi-triage@champion"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(SANSHI_ML), "serve", "--model-dir", str(demo_model_dir), "--model-uri", "models:/sanshi-triage@champion"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "either model_dir" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_serve_with_an_unusable_database_fails_in_one_line(demo_model_dir, tmp_path):
     port = free_port()  # nothing listens there
-    result = subprocess.run([str(SANSHI_ML), "serve", "--model-dir", str(demo_model_dir), "--database-url",
-                             f"postgresql://sanshi:hunter2@127.0.0.1:{port}/feedback"], cwd=REPO,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            str(SANSHI_ML),
+            "serve",
+            "--model-dir",
+            str(demo_model_dir),
+            "--database-url",
+            f"postgresql://sanshi:hunter2@127.0.0.1:{port}/feedback",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "cannot create the feedback table" in result.stderr and "Traceback" not in result.stderr
     assert "hunter2" not in result.stderr
@@ -104,9 +147,22 @@ def test_serve_refuses_to_start_on_a_read_only_database(demo_model_dir, tmp_path
     FeedbackStore(f"sqlite:///{db}").close()
     port = free_port()
     with read_only_file(db):
-        server = subprocess.Popen([str(SANSHI_ML), "serve", "--model-dir", str(demo_model_dir), "--port", str(port),
-                                   "--database-url", f"sqlite:///{db}"], cwd=REPO, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
+        server = subprocess.Popen(
+            [
+                str(SANSHI_ML),
+                "serve",
+                "--model-dir",
+                str(demo_model_dir),
+                "--port",
+                str(port),
+                "--database-url",
+                f"sqlite:///{db}",
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             _, stderr = server.communicate(timeout=60)
         except subprocess.TimeoutExpired:
@@ -123,16 +179,20 @@ def test_a_full_disk_is_reported_and_refused_and_the_log_holds_nothing_the_resid
     log nor the database files hold the request's name, address or 15-digit ID number."""
     with small_disk(tmp_path / "disk") as disk:
         db = disk / "feedback.db"
-        server = ServeProcess(["--model-dir", str(demo_model_dir), "--database-url", f"sqlite:///{db}"],
-                              tmp_path / "server.log", env={"SANSHI_STORE_CHECK_SECONDS": "0"})
+        server = ServeProcess(
+            ["--model-dir", str(demo_model_dir), "--database-url", f"sqlite:///{db}"],
+            tmp_path / "server.log",
+            env={"SANSHI_STORE_CHECK_SECONDS": "0"},
+        )
         with server:
             server.wait_ready()
             stored = httpx.post(server.url + "/v1/feedback", headers=KEY, json=answer("磁盘写满之前"))
             assert stored.status_code == 201
             filler = fill_disk(disk)
             text = f"我叫{PLANTED[0]}，住在{PLANTED[1]}，身份证号{PLANTED[2]}。" + "楼道里的灯坏了很久，" * 1500
-            refused = httpx.post(server.url + "/v1/feedback", headers=KEY,
-                                 json=answer(text, title=f"{PLANTED[0]}的诉求", id=PLANTED[2]))
+            refused = httpx.post(
+                server.url + "/v1/feedback", headers=KEY, json=answer(text, title=f"{PLANTED[0]}的诉求", id=PLANTED[2])
+            )
             assert refused.status_code == 503, refused.text[:500]
             assert refused.json()["detail"][0]["type"] == "full"
             ready = httpx.get(server.url + "/ready")
@@ -148,7 +208,7 @@ def test_a_full_disk_is_reported_and_refused_and_the_log_holds_nothing_the_resid
         assert planted not in log, log[-3000:]
         assert planted.encode("utf-8") not in stored_bytes
     assert "Traceback" not in log
-    assert "腾出空间之后".encode("utf-8") in stored_bytes
+    assert "腾出空间之后".encode() in stored_bytes
 
 
 # ---------------------------------------------------------------------------------- no single request stalls it
@@ -171,8 +231,10 @@ class Prober:
     def _run(self) -> None:
         with httpx.Client(base_url=self.url, timeout=30) as client:
             while not self._stop.is_set():
-                for kind, call in (("health", lambda: client.get("/health")),
-                                   ("suggest", lambda: client.post("/v1/suggest", json={"text": "小区路灯坏了"}))):
+                for kind, call in (
+                    ("health", lambda: client.get("/health")),
+                    ("suggest", lambda: client.post("/v1/suggest", json={"text": "小区路灯坏了"})),
+                ):
                     started = time.perf_counter()
                     response = call()
                     getattr(self, kind).append(time.perf_counter() - started)
@@ -194,8 +256,11 @@ class Prober:
 def live_process(demo_model_dir, tmp_path_factory):
     """One `sanshi-ml serve` process for the tests below; slow bodies time out after a second there."""
     root = tmp_path_factory.mktemp("serve_limits")
-    server = ServeProcess(["--model-dir", str(demo_model_dir), "--database-url", f"sqlite:///{root / 'f.db'}"],
-                          root / "server.log", env={"SANSHI_BODY_TIMEOUT": "1"})
+    server = ServeProcess(
+        ["--model-dir", str(demo_model_dir), "--database-url", f"sqlite:///{root / 'f.db'}"],
+        root / "server.log",
+        env={"SANSHI_BODY_TIMEOUT": "1"},
+    )
     with server:
         server.wait_ready()
         yield server
@@ -209,8 +274,12 @@ def test_a_hostile_10mb_batch_gets_a_small_answer_and_does_not_stall_the_server(
     assert len(body) > 9_000_000
     with Prober(live_process.url) as prober:
         started = time.perf_counter()
-        response = httpx.post(live_process.url + "/v1/suggest/batch", content=body,
-                              headers={"Content-Type": "application/json"}, timeout=120)
+        response = httpx.post(
+            live_process.url + "/v1/suggest/batch",
+            content=body,
+            headers={"Content-Type": "application/json"},
+            timeout=120,
+        )
         elapsed = time.perf_counter() - started
     assert response.status_code == 422, response.text[:300]
     assert len(response.content) < 10_000
@@ -224,8 +293,9 @@ def test_a_hostile_10mb_batch_gets_a_small_answer_and_does_not_stall_the_server(
 def test_a_maximal_batch_does_not_stall_health_or_single_suggestions(live_process):
     """256 records of 20,000 characters: the model works on it for seconds, in its own thread and in pieces, while
     /health and a clerk's single suggestion keep answering."""
-    from tests.conftest import DEMO_CSV
     import csv
+
+    from tests.conftest import DEMO_CSV
 
     with open(DEMO_CSV, encoding="utf-8") as handle:
         texts = [row["诉求内容"] for row in csv.DictReader(handle)]
@@ -253,8 +323,10 @@ def test_a_client_that_sends_its_body_too_slowly_is_cut_off(live_process):
     import socket
 
     with socket.create_connection(("127.0.0.1", live_process.port), timeout=15) as sock:
-        sock.sendall(b"POST /v1/suggest HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 100000\r\n\r\n{\"text\": \"")
+        sock.sendall(
+            b"POST /v1/suggest HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100000\r\n\r\n{"text": "'
+        )
         started = time.perf_counter()
         received = b""
         sock.settimeout(0.2)

@@ -24,8 +24,10 @@ TEXT = "小区电梯坏了一个多月，物业一直不修"
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory, repo_params):
     root = tmp_path_factory.mktemp("serve_registry")
-    params = with_overrides(repo_params, {"train.calibration_cv": 3, "tracking.enabled": True,
-                                          "tracking.uri": f"sqlite:///{root / 'mlflow.db'}"})
+    params = with_overrides(
+        repo_params,
+        {"train.calibration_cv": 3, "tracking.enabled": True, "tracking.uri": f"sqlite:///{root / 'mlflow.db'}"},
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         previous = mlflow.get_tracking_uri()
@@ -38,8 +40,12 @@ def registry(tmp_path_factory, repo_params):
 def test_the_champion_is_served_from_the_registry(registry):
     params, result = registry["params"], registry["result"]
     uri = champion_uri(params)
-    settings = Settings(model_uri=uri, tracking_uri=params.tracking.uri,
-                        database_url=f"sqlite:///{registry['root'] / 'feedback.db'}", allowed_hosts=TEST_HOSTS)
+    settings = Settings(
+        model_uri=uri,
+        tracking_uri=params.tracking.uri,
+        database_url=f"sqlite:///{registry['root'] / 'feedback.db'}",
+        allowed_hosts=TEST_HOSTS,
+    )
     app = create_app(settings)
     with TestClient(app) as client:
         ready = wait_ready(client)
@@ -57,9 +63,12 @@ def test_the_champion_is_served_from_the_registry(registry):
 
 def test_an_unknown_alias_is_reported_by_ready(registry):
     params = registry["params"]
-    settings = Settings(model_uri=f"models:/{params.tracking.registered_model}@no-such-alias",
-                        tracking_uri=params.tracking.uri,
-                        database_url=f"sqlite:///{registry['root'] / 'feedback2.db'}", allowed_hosts=TEST_HOSTS)
+    settings = Settings(
+        model_uri=f"models:/{params.tracking.registered_model}@no-such-alias",
+        tracking_uri=params.tracking.uri,
+        database_url=f"sqlite:///{registry['root'] / 'feedback2.db'}",
+        allowed_hosts=TEST_HOSTS,
+    )
     with TestClient(create_app(settings)) as client:
         body = wait_settled(client)
         assert body["status"] == "failed" and "no-such-alias" in body["error"]

@@ -24,14 +24,28 @@ from serve.app import create_app
 from tests.system.serve_support import API_KEY, LiveServer, make_settings
 
 MAX_EXAMPLES = 25
-OPERATIONS = [("GET", "/health"), ("GET", "/ready"), ("GET", "/v1/model"), ("POST", "/v1/suggest"),
-              ("POST", "/v1/suggest/batch"), ("POST", "/v1/feedback"), ("GET", "/v1/feedback/export")]
+OPERATIONS = [
+    ("GET", "/health"),
+    ("GET", "/ready"),
+    ("GET", "/v1/model"),
+    ("POST", "/v1/suggest"),
+    ("POST", "/v1/suggest/batch"),
+    ("POST", "/v1/feedback"),
+    ("GET", "/v1/feedback/export"),
+]
 # Schema-violating data needs something to violate: operations without parameters or a body have none.
-WITH_INPUT = {("POST", "/v1/suggest"), ("POST", "/v1/suggest/batch"), ("POST", "/v1/feedback"),
-              ("GET", "/v1/feedback/export")}
-CASES = [pytest.param(method, path, mode, id=f"{method} {path} {mode.value}")
-         for method, path in OPERATIONS for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
-         if mode is GenerationMode.POSITIVE or (method, path) in WITH_INPUT]
+WITH_INPUT = {
+    ("POST", "/v1/suggest"),
+    ("POST", "/v1/suggest/batch"),
+    ("POST", "/v1/feedback"),
+    ("GET", "/v1/feedback/export"),
+}
+CASES = [
+    pytest.param(method, path, mode, id=f"{method} {path} {mode.value}")
+    for method, path in OPERATIONS
+    for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
+    if mode is GenerationMode.POSITIVE or (method, path) in WITH_INPUT
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +73,13 @@ def test_no_generated_request_gets_a_server_error(api_schema, live_server, metho
     @given(case=operation.as_strategy(generation_mode=mode))
     def check(case) -> None:
         response = case.call(base_url=live_server.url, headers={"X-API-Key": API_KEY}, timeout=30)
-        assert response.status_code < 500, f"{case.method} {case.formatted_path}: {response.status_code} " \
-                                           f"{response.text[:500]}"
-        case.validate_response(response, headers={"X-API-Key": API_KEY},
-                               excluded_checks=[positive_data_acceptance, negative_data_rejection])
+        assert response.status_code < 500, (
+            f"{case.method} {case.formatted_path}: {response.status_code} {response.text[:500]}"
+        )
+        case.validate_response(
+            response,
+            headers={"X-API-Key": API_KEY},
+            excluded_checks=[positive_data_acceptance, negative_data_rejection],
+        )
 
     check()

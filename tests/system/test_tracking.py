@@ -27,8 +27,11 @@ from tests.conftest import DEMO_CSV
 
 pytestmark = pytest.mark.slow  # two trainings and a registry: about 20 s
 
-TEXTS = ["A3区青青家园小区的电梯坏了一个多月，物业一直不修", "楼上邻居每天深夜拖动家具，噪音太大，沟通无果",
-         "建议在学校门口增设红绿灯"]
+TEXTS = [
+    "A3区青青家园小区的电梯坏了一个多月，物业一直不修",
+    "楼上邻居每天深夜拖动家具，噪音太大，沟通无果",
+    "建议在学校门口增设红绿灯",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +45,16 @@ def store(tmp_path_factory, repo_params):
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         previous = mlflow.get_tracking_uri()
         for name, C, holdout in (("a", 0.2, 0.0), ("b", 1.5, 0.25)):
-            params[name] = with_overrides(repo_params, {
-                "train.C": C, "train.calibration_cv": 3, "tracking.enabled": True, "split.holdout": holdout,
-                "tracking.uri": f"sqlite:///{root / 'mlflow.db'}"})
+            params[name] = with_overrides(
+                repo_params,
+                {
+                    "train.C": C,
+                    "train.calibration_cv": 3,
+                    "tracking.enabled": True,
+                    "split.holdout": holdout,
+                    "tracking.uri": f"sqlite:///{root / 'mlflow.db'}",
+                },
+            )
             runs[name] = train([DEMO_CSV], params[name], model_dir=root / f"model_{name}", progress=lambda _m: None)
         yield {"root": root, "params": params["a"], "runs": runs}
         mlflow.set_tracking_uri(previous)
@@ -66,10 +76,15 @@ def test_each_run_records_params_tags_metrics_plots_and_model(store):
         assert m[f"sanshi.f1.{label}"] == pytest.approx(stats["f1"])
     assert "unit.f1.社区居委会/村委会" in m and "category.slice.year_2024.accuracy" in m
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "evaluation")}
-    assert {"evaluation/metrics.json", "evaluation/sanshi_confusion.png", "evaluation/category_coverage.png",
-            "evaluation/category_coverage.csv"} <= artifacts
-    local = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="evaluation/metrics.json",
-                                                dst_path=str(store["root"] / "dl"))
+    assert {
+        "evaluation/metrics.json",
+        "evaluation/sanshi_confusion.png",
+        "evaluation/category_coverage.png",
+        "evaluation/category_coverage.csv",
+    } <= artifacts
+    local = mlflow.artifacts.download_artifacts(
+        run_id=result.run_id, artifact_path="evaluation/metrics.json", dst_path=str(store["root"] / "dl")
+    )
     logged = json.loads(open(local, encoding="utf-8").read())
     assert logged["targets"]["sanshi"]["accuracy"] == pytest.approx(result.metrics["sanshi"]["accuracy"])
     assert logged["source"] == run.data.tags["metrics_source"] == "out_of_fold"
@@ -85,8 +100,11 @@ def test_a_run_with_a_holdout_logs_both_sets_of_figures_and_says_which_is_which(
     assert m["category.macro_f1"] == pytest.approx(result.metrics["category"]["macro_f1"])
     assert m["holdout.category.macro_f1"] == pytest.approx(result.holdout.metrics["category"]["macro_f1"])
     assert m["holdout.sanshi.n"] == len(result.holdout.records) < m["sanshi.n"] == len(result.records)
-    local = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="evaluation_holdout/metrics.json",
-                                                dst_path=str(store["root"] / "holdout_download"))
+    local = mlflow.artifacts.download_artifacts(
+        run_id=result.run_id,
+        artifact_path="evaluation_holdout/metrics.json",
+        dst_path=str(store["root"] / "holdout_download"),
+    )
     logged = json.loads(Path(local).read_text(encoding="utf-8"))
     assert logged["source"] == "holdout" and "untouched holdout" in logged["scope"]
     assert logged["targets"]["unit"]["accuracy"] == pytest.approx(result.holdout.metrics["unit"]["accuracy"])
@@ -94,7 +112,8 @@ def test_a_run_with_a_holdout_logs_both_sets_of_figures_and_says_which_is_which(
     info = mlflow.models.get_model_info(f"runs:/{result.run_id}/model")
     assert [c["name"] for c in info.signature.inputs.to_dict()] == ["title", "text"]
     assert {"sanshi", "sanshi_confidence", "sanshi_needs_review", "policy_conflict"} <= set(
-        info.signature.outputs.input_names())
+        info.signature.outputs.input_names()
+    )
     assert info.saved_input_example_info is not None
     model_dir = load_registered_model_dir(f"runs:/{result.run_id}/model", store["root"] / "by_run")
     assert json.loads((model_dir / "metadata.json").read_text(encoding="utf-8"))["mlflow_run_id"] == result.run_id
@@ -131,7 +150,8 @@ def test_champion_alias_loads_the_promoted_run_and_moves_on_promotion(store):
     assert report["source"] == "out_of_fold"
     assert report["targets"]["unit"]["macro_f1"] == pytest.approx(runs["b"].metrics["unit"]["macro_f1"])
     assert report["holdout"]["targets"]["unit"]["macro_f1"] == pytest.approx(
-        runs["b"].holdout.metrics["unit"]["macro_f1"])
+        runs["b"].holdout.metrics["unit"]["macro_f1"]
+    )
     assert moved.metadata["artifact"]["sha256"] == sha["b"]
     alias = MlflowClient(params.tracking.uri).get_model_version_by_alias("sanshi-triage", "champion")
     assert str(alias.version) == "2" and alias.tags["data_sha256"] == runs["b"].metadata["data"]["sha256"]
@@ -149,9 +169,11 @@ def test_promote_errors_are_one_line_with_exit_status_2(store):
     params_file = store["root"] / "params.yaml"
     params_file.write_text(yaml.safe_dump(store["params"].model_dump(), allow_unicode=True), encoding="utf-8")
     runner = CliRunner()
-    for args, message in ((["promote", "no-such-run"], "run 'no-such-run' not found"),
-                          (["promote", "--best", "category.no_such_metric"], "has the metric"),
-                          (["promote"], "give a RUN_ID or --best METRIC")):
+    for args, message in (
+        (["promote", "no-such-run"], "run 'no-such-run' not found"),
+        (["promote", "--best", "category.no_such_metric"], "has the metric"),
+        (["promote"], "give a RUN_ID or --best METRIC"),
+    ):
         out = runner.invoke(app, [*args, "--params", str(params_file)])
         assert out.exit_code == 2, out.output
         assert message in out.output and "Traceback" not in out.output
