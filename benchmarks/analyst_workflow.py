@@ -33,7 +33,7 @@ def _timed(func, *args, **kwargs) -> float:
 
 def tracking_overhead(repeats: int, work: Path) -> None:
     from sanshi_ml.config import load_params, with_overrides
-    from sanshi_ml.train import train
+    from sanshi_ml.stages.train import train
 
     params = load_params(REPO / "params.yaml")
     _timed(lambda: train([DEMO], params, model_dir=work / "warm", progress=lambda _m: None, track=False))
@@ -98,7 +98,7 @@ def notebooks(work: Path) -> None:
     from nbclient import NotebookClient
 
     from sanshi_ml.config import load_params
-    from sanshi_ml.train import train
+    from sanshi_ml.stages.train import train
 
     params = load_params(REPO / "params.yaml")
     reference = _timed(lambda: train([DEMO], params, model_dir=work / "nb_ref", progress=lambda _m: None, track=False))

@@ -32,10 +32,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.svm import LinearSVC
 
 from sanshi_ml.config import load_params
-from sanshi_ml.estimate import estimate, evaluation_folds
-from sanshi_ml.evaluate import evaluate_model
-from sanshi_ml.model import TriageModel
-from sanshi_ml.records import ColumnMap, load_records, split_indices, subset
+from sanshi_ml.core.model import TriageModel
+from sanshi_ml.data.records import ColumnMap, load_records, split_indices, subset
+from sanshi_ml.evaluation.estimate import estimate, evaluation_folds
+from sanshi_ml.evaluation.metrics import evaluate_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

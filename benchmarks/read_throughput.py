@@ -6,7 +6,7 @@ encodings a city's system writes, then times `iter_table` over each in --repeats
 whose speed drifts moves every encoding alike) and prints the median seconds and records/s.
 
 --before FILE times, in the same rounds, the `iter_table` of another version of the module that defined it (e.g.
-`git show 5712621:src/sanshi_ml/records.py > /tmp/records_before.py`), on every encoding's archive.
+`git show 5712621:src/sanshi_ml/data/records.py > /tmp/records_before.py`), on every encoding's archive.
 
 --damaged also times the UTF-8 archive with one stray quote in its 100th record, which the fast path hands to the
 careful reader (the csv module, line by line) from the first chunk on: what a damaged file costs to read.
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sanshi_ml.records import iter_table
+from sanshi_ml.data.records import iter_table
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

@@ -90,7 +90,7 @@ def petitions_model(model_dir: Path) -> Path:
     if (model_dir / "metadata.json").exists():
         return model_dir
     from sanshi_ml.config import load_params, with_overrides
-    from sanshi_ml.train import train
+    from sanshi_ml.stages.train import train
 
     params = load_params(REPO / "params.yaml")
     params = with_overrides(
@@ -261,8 +261,9 @@ def _reference_part(args: tuple[Path, int, int]) -> int:
 def _front_stages_part(args: tuple[Path, int, int]) -> int:
     """sanshi-ml's first two stages only (normalisation, then one rjieba cut per batch, as score_chunk does them)
     over this worker's share of the archive: no features, no model, no output."""
+    from sanshi_ml.core.text import mark_titles
+    from sanshi_ml.data.records import model_input
     from sanshi_ml.scoring import SCORE_BATCH
-    from sanshi_ml.text import mark_titles, model_input
 
     archive, part, parts = args
     model, n = _REF["sanshi_model"], 0
@@ -299,7 +300,7 @@ def run_front_stages(model_dir: Path, archive: Path, jobs: int) -> dict:
     """Time sanshi-ml's normalisation and segmentation alone over the archive with ``jobs`` processes."""
     if "sanshi_model" not in _REF:
         from sanshi_ml.artifacts import load_model
-        from sanshi_ml.text import build_unassigned_table
+        from sanshi_ml.core.text import build_unassigned_table
 
         model = load_model(model_dir).model
         model.segmenter.raw_cut_joined(["小区电梯坏了", "噪音扰民"])  # rjieba's dictionary, before the fork
@@ -317,7 +318,7 @@ def profile(archive: Path, model_dir: Path) -> None:
     from pyinstrument import Profiler
 
     from sanshi_ml.artifacts import load_model
-    from sanshi_ml.records import ColumnMap
+    from sanshi_ml.data.records import ColumnMap
     from sanshi_ml.scoring import ScoringSpec, score_chunk
     from sanshi_ml.suggest import Suggester
 

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from sanshi_ml.config import load_params
-from sanshi_ml.evaluate import evaluate_model, write_report
-from sanshi_ml.model import TriageModel
-from sanshi_ml.records import ColumnMap, load_records, split_indices, subset
+from sanshi_ml.core.model import TriageModel
+from sanshi_ml.data.records import ColumnMap, load_records, split_indices, subset
+from sanshi_ml.evaluation.metrics import evaluate_model, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

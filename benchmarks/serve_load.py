@@ -123,7 +123,7 @@ def ensure_model(model_dir: Path, data: Path) -> Path:
     if not data.exists():
         sys.exit(f"real data not found at {data}; set SANSHI_SHARED_DATA or pass --model-dir to a trained model")
     from sanshi_ml.config import load_params, with_overrides
-    from sanshi_ml.train import train
+    from sanshi_ml.stages.train import train
 
     params = with_overrides(
         load_params(REPO / "params.yaml"),

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from sanshi_ml.config import DEFAULT_TARGETS
-from sanshi_ml.text import compose
+from sanshi_ml.data.records import compose
 from serve.store import FeedbackRow
 
 DEFAULT_ID_COL = "工单编号"

@@ -35,7 +35,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from sanshi_ml.text import mask_pii
+from sanshi_ml.core.text import mask_pii
 from serve.logs import database_code, describe_exception
 
 log = logging.getLogger("serve.store")
@@ -91,7 +91,7 @@ class StoreHealth:
 def clean(value: str | None) -> str:
     """Mask personal data (phone, 身份证 and licence-plate numbers, e-mail addresses) and drop control characters.
 
-    The masking is :func:`sanshi_ml.text.mask_pii`, the model's own. Unlike the model's full NFKC normalisation,
+    The masking is :func:`sanshi_ml.core.text.mask_pii`, the model's own. Unlike the model's full NFKC normalisation,
     only the characters personal data is written with are folded to ASCII first (so a full-width phone number is
     caught too), and everything else — Chinese punctuation, line breaks — is kept as the clerk saw it.
     """

@@ -51,7 +51,7 @@ def repo_params() -> Params:
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory, repo_params) -> Path:
     """A model trained once per run on the demo data with the repository's params."""
-    from sanshi_ml.train import train
+    from sanshi_ml.stages.train import train
 
     out = tmp_path_factory.mktemp("demo_model")
     train([DEMO_CSV], repo_params, model_dir=out, progress=lambda _m: None, track=False)
@@ -62,7 +62,7 @@ def demo_model_dir(tmp_path_factory, repo_params) -> Path:
 def petitions_model_dir(tmp_path_factory, petitions_csv, repo_params) -> Path:
     """A model trained once per run on the real petitions data (title + text, all four targets)."""
     from sanshi_ml.config import with_overrides
-    from sanshi_ml.train import train
+    from sanshi_ml.stages.train import train
 
     params = with_overrides(
         repo_params,

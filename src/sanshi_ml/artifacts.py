@@ -28,7 +28,6 @@ import logging
 import os
 import platform
 import subprocess
-import tempfile
 import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,7 +38,8 @@ import joblib
 from joblib.numpy_pickle import NumpyUnpickler
 
 from sanshi_ml import __version__
-from sanshi_ml.model import TriageModel
+from sanshi_ml.core.model import TriageModel
+from sanshi_ml.data.outputs import atomic_file, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +74,15 @@ TRUSTED_GLOBALS = frozenset(
         "numpy._core.multiarray.scalar",
         "numpy.core.multiarray._reconstruct",
         "numpy.core.multiarray.scalar",  # the same, as numpy < 2 names them
-        "sanshi_ml.calibration.ConfidenceMap",
-        "sanshi_ml.calibration.ConformalSets",
-        "sanshi_ml.decoding.LinkedTargets",
-        "sanshi_ml.features.char_ngrams",
-        "sanshi_ml.features.word_ngrams",
-        "sanshi_ml.model.TargetHead",
-        "sanshi_ml.model.TriageModel",
-        "sanshi_ml.model._PackedStrings",
-        "sanshi_ml.text.Segmenter",
+        "sanshi_ml.core.calibration.ConfidenceMap",
+        "sanshi_ml.core.calibration.ConformalSets",
+        "sanshi_ml.core.decoding.LinkedTargets",
+        "sanshi_ml.core.features.char_ngrams",
+        "sanshi_ml.core.features.word_ngrams",
+        "sanshi_ml.core.model.TargetHead",
+        "sanshi_ml.core.model.TriageModel",
+        "sanshi_ml.core.model._PackedStrings",
+        "sanshi_ml.core.text.Segmenter",
         "sklearn.calibration.CalibratedClassifierCV",
         "sklearn.calibration._CalibratedClassifier",
         "sklearn.calibration._SigmoidCalibration",
@@ -150,20 +150,6 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+dirty" if dirty else "")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one, never half of it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------------- signatures
@@ -290,10 +276,33 @@ def sign_model(model_dir: str | Path) -> dict:
 # --------------------------------------------------------------------------------------------------- reading safely
 
 
+# Where the classes and functions older pickles name live now: (module, name) as an older sanshi-ml pickled it ->
+# (module, name) today. Every move of a pickled class adds its old name here, so older model files keep loading.
+MOVED_GLOBALS: dict[tuple[str, str], tuple[str, str]] = {
+    **{
+        (f"sanshi_ml.{old}", name): (f"sanshi_ml.core.{old}", name)
+        for old, names in {
+            "calibration": ("ConfidenceMap", "ConformalSets"),
+            "decoding": ("LinkedTargets",),
+            "features": ("char_ngrams", "word_ngrams"),
+            "model": ("TargetHead", "TriageModel", "_PackedStrings"),
+            "text": ("Segmenter",),
+        }.items()
+        for name in names
+    },
+}
+
+
+def current_global(module: str, name: str) -> tuple[str, str]:
+    """Where a class or function an older pickle names lives today (see :data:`MOVED_GLOBALS`)."""
+    return MOVED_GLOBALS.get((module, name), (module, name))
+
+
 class _AllowListUnpickler(NumpyUnpickler):
-    """joblib's unpickler, able to name only :data:`TRUSTED_GLOBALS`."""
+    """joblib's unpickler, able to name only :data:`TRUSTED_GLOBALS` (older names through :func:`current_global`)."""
 
     def find_class(self, module: str, name: str):
+        module, name = current_global(module, name)
         if f"{module}.{name}" not in TRUSTED_GLOBALS:
             raise ArtifactError(
                 f"the pickle names {module}.{name}, which a sanshi-ml model never holds; refusing "
@@ -400,18 +409,12 @@ def save_model(model: TriageModel, model_dir: str | Path, extra: dict | None = N
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     key = model_key(model_dir)  # a key that cannot be used fails now, not after the model is written
-    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=f".{MODEL_FILE}.")
-    os.close(fd)
-    try:
+    with atomic_file(model_dir / MODEL_FILE) as tmp:
         # lz4 at level 3: smaller than zlib level 3 and it decompresses several times faster (load 1.0 → 0.3 s
         # for a 500,000-feature model), which every scoring run and server start pays.
         joblib.dump(model, tmp, compress=("lz4", 3))
         digest = sha256_file(tmp)
-        size = Path(tmp).stat().st_size
-        os.replace(tmp, model_dir / MODEL_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        size = tmp.stat().st_size
     metadata = {
         "format_version": FORMAT_VERSION,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -488,7 +491,7 @@ def load_model(
 def recorded_policy(loaded: LoadedModel, policy_path: str | Path | None = None):
     """The 责任清单 to apply with a loaded model: the one recorded with it, refused if its file changed since
     training, or ``policy_path`` when the caller names one (logged when it is not the recorded one)."""
-    from sanshi_ml.policy import load_policy
+    from sanshi_ml.core.policy import load_policy
 
     recorded = loaded.metadata.get("policy") or {}
     targets = {

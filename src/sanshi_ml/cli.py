@@ -81,9 +81,9 @@ def _setup_logging(verbose: bool) -> None:
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from sanshi_ml.artifacts import ArtifactError
-    from sanshi_ml.model import ModelError
-    from sanshi_ml.policy import PolicyError
-    from sanshi_ml.records import RecordError
+    from sanshi_ml.core.model import ModelError
+    from sanshi_ml.core.policy import PolicyError
+    from sanshi_ml.data.records import RecordError
 
     # Called only when an error is raised, so importing mlflow (slow) here costs nothing otherwise.
     from sanshi_ml.tracking import TrackingError
@@ -226,8 +226,8 @@ def train(
     saved model is then refitted on all rows.
     """
     _setup_logging(verbose)
-    from sanshi_ml.evaluate import summary_lines
-    from sanshi_ml.train import train as run_train
+    from sanshi_ml.evaluation.metrics import summary_lines
+    from sanshi_ml.stages.train import train as run_train
 
     if test_size is not None:
         if holdout is not None:
@@ -299,10 +299,10 @@ def tune(
 ) -> None:
     """Search tune.space in params.yaml by cross-validation on the training split; write the best as a params file."""
     _setup_logging(verbose)
-    from sanshi_ml.records import ReadOptions, load_many, split_indices, subset
-    from sanshi_ml.train import column_map
-    from sanshi_ml.tune import tune as run_tune
-    from sanshi_ml.tune import write_best
+    from sanshi_ml.data.records import ReadOptions, load_many, split_indices, subset
+    from sanshi_ml.stages.train import column_map
+    from sanshi_ml.stages.tune import tune as run_tune
+    from sanshi_ml.stages.tune import write_best
 
     params = build_params(params_file, text_cols, segmented_col, target, id_col, time_col, encoding, sheet, header_row)
     if not params.tune.space:
@@ -358,9 +358,9 @@ def evaluate(
     itself; other rows are predicted by the model. metrics.json says which is which ("source", "scope", "rows").
     """
     _setup_logging(verbose)
-    from sanshi_ml.evaluate import summary_lines
-    from sanshi_ml.records import ColumnMap
-    from sanshi_ml.train import evaluate as run_evaluate
+    from sanshi_ml.data.records import ColumnMap
+    from sanshi_ml.evaluation.metrics import summary_lines
+    from sanshi_ml.stages.evaluate import evaluate as run_evaluate
 
     if cv is not None and cv == 1:
         raise UsageError("--cv needs K ≥ 2 folds")
@@ -464,7 +464,7 @@ def prepare(
 ) -> None:
     """Validate labelled export(s) and write them as one records.parquet (+ prepare.json) for train and evaluate."""
     _setup_logging(verbose)
-    from sanshi_ml.prepare import prepare as run_prepare
+    from sanshi_ml.stages.prepare import prepare as run_prepare
 
     params = build_params(params_file, text_cols, segmented_col, target, id_col, time_col, encoding, sheet, header_row)
     report = run_prepare(
@@ -660,7 +660,7 @@ def score(
 ) -> None:
     """Score an archive in chunks: predictions, confidence, review flags, 三事 colour and a status per record."""
     _setup_logging(verbose)
-    from sanshi_ml.records import ColumnMap, ReadOptions
+    from sanshi_ml.data.records import ColumnMap, ReadOptions
     from sanshi_ml.scoring import score as run_score
 
     params = build_params(params_file, text_cols, segmented_col, None, id_col, time_col, encoding, sheet, header_row)
@@ -704,7 +704,7 @@ def report(
 ) -> None:
     """Counts by 三事, category, unit, appeal type and month, the share flagged for review, and charts."""
     _setup_logging(verbose)
-    from sanshi_ml.report import report as run_report
+    from sanshi_ml.stages.report import report as run_report
 
     params = load_params(params_file)
     result = run_report(

@@ -1,7 +1,7 @@
 """Batch scoring of archives: streamed in chunks, spread over processes, resumable after a crash, and on Dask.
 
 One function, :func:`score_chunk`, turns a chunk of an export into scored rows. It maps the export's columns onto
-the record schema (:func:`sanshi_ml.records.canonical_frame`), gives every row a ``status`` (a bad row gets its
+the record schema (:func:`sanshi_ml.data.records.canonical_frame`), gives every row a ``status`` (a bad row gets its
 reason and empty predictions, and never sinks its chunk), and scores the good rows with
 :meth:`sanshi_ml.suggest.Suggester.score_frame`, the function the server's answers come from too. The local run
 (:func:`score`) and the Dask run (:func:`score_dask`) both call it.
@@ -13,7 +13,7 @@ policy, inputs, chunk size, columns) is the one recorded; the final file is asse
 holds every input record exactly once. A CSV row the reader found damaged keeps its place with status
 ``malformed``, so the output still has one row per input record.
 
-A run holds a lock on its output for its whole length (:func:`sanshi_ml.outputs.output_lock`), so a second run on
+A run holds a lock on its output for its whole length (:func:`sanshi_ml.data.outputs.output_lock`), so a second run on
 the same ``--out``, ``--resume`` included, refuses instead of writing into the first's parts; everything a run writes
 besides the output itself (parts, checkpoints, the assembly's temporary file) lives in the parts directory, which the
 finished run removes.
@@ -30,7 +30,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -42,10 +41,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from sanshi_ml.artifacts import atomic_write_bytes
-from sanshi_ml.outputs import check_writable, output_lock, writing
-from sanshi_ml.readers import MALFORMED_LINE, data_columns, malformed_lines
-from sanshi_ml.records import (
+from sanshi_ml.core.text import build_unassigned_table
+from sanshi_ml.data.outputs import atomic_file, atomic_write_bytes, check_writable, output_lock, writing
+from sanshi_ml.data.readers import MALFORMED_LINE, data_columns, malformed_lines
+from sanshi_ml.data.records import (
     CSV_SUFFIXES,
     EXCEL_SUFFIXES,
     JSONL_SUFFIXES,
@@ -58,16 +57,15 @@ from sanshi_ml.records import (
     header_columns,
     inspect,
     iter_table,
+    model_input,
     resolve_columns,
 )
 from sanshi_ml.suggest import STATUS_OK, Suggester, text_status
-from sanshi_ml.text import build_unassigned_table, model_input
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 PART_FORMAT = "{:06d}"
-ASSEMBLY_FILE = ".assembling"  # in the parts directory: the output being assembled, renamed onto it when complete
 STATUS_MALFORMED = "malformed"  # a CSV row the reader found damaged (a stray quote, too many or too few fields)
 ASSEMBLY_PAUSE_ENV = "SANSHI_TEST_ASSEMBLY_PAUSE"  # tests: seconds to wait before the assembled file is renamed
 SCORE_BATCH = 2048  # rows per call to score_frame: bounds the memory of tokens and feature matrices per worker
@@ -431,17 +429,8 @@ def write_part(parts_dir: Path, chunk: Chunk, frame: pd.DataFrame, schema: pa.Sc
 
     part, marker = part_paths(parts_dir, chunk.index)
     table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
-    with writing(part, "a part of the scored output"):
-        fd, tmp = tempfile.mkstemp(dir=parts_dir, prefix=f".{part.name}.")
-        os.close(fd)
-        try:
-            pq.write_table(table, tmp, compression="zstd")
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, part)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    with writing(part, "a part of the scored output"), atomic_file(part) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
     done = {
         "chunk": chunk.index,
         "source": str(chunk.source),
@@ -482,9 +471,8 @@ def _assemble(parts_dir: Path, n_chunks: int, out: Path, fmt: str, schema: pa.Sc
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    tmp = parts_dir / ASSEMBLY_FILE
     rows = 0
-    try:
+    with atomic_file(out, temp_dir=parts_dir) as tmp:
         if fmt == "parquet":
             with pq.ParquetWriter(str(tmp), schema, compression="zstd") as writer:
                 for index in range(n_chunks):
@@ -507,15 +495,9 @@ def _assemble(parts_dir: Path, n_chunks: int, out: Path, fmt: str, schema: pa.Sc
                         table = table.set_column(times, "received_at", pc.strftime(seconds, format="%Y-%m-%d %H:%M:%S"))
                         writer.write_table(table)
                         rows += table.num_rows
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
         pause = os.environ.get(ASSEMBLY_PAUSE_ENV)
         if pause:  # lets a test kill the run at the worst moment: the output complete, not yet in place
             time.sleep(float(pause))
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return rows
 
 
@@ -1008,7 +990,7 @@ def _with_line_column(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _read_csv_partition(path: str, layout: Layout) -> pd.DataFrame:
     """A CSV input as one Dask partition: the local run's reader, with the MALFORMED_LINE column always there."""
-    from sanshi_ml.readers import read_table
+    from sanshi_ml.data.readers import read_table
 
     return _with_line_column(read_table(path, layout=layout))
 

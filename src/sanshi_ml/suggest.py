@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 
 from sanshi_ml.artifacts import LoadedModel
-from sanshi_ml.model import TargetPredictions, TriageModel
-from sanshi_ml.policy import TriagePolicy
-from sanshi_ml.text import model_input
+from sanshi_ml.core.model import TargetPredictions, TriageModel
+from sanshi_ml.core.policy import TriagePolicy
+from sanshi_ml.data.records import model_input
 
 log = logging.getLogger(__name__)
 

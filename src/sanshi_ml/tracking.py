@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import mlflow
 import numpy as np
@@ -33,19 +33,18 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from sanshi_ml.artifacts import METADATA_FILE, MODEL_FILE, LoadedModel, library_versions, load_model
+from sanshi_ml import resource
+from sanshi_ml.artifacts import METADATA_FILE, MODEL_FILE, LoadedModel, library_versions
 from sanshi_ml.config import Params
+from sanshi_ml.pyfunc import SANSHI_ARTIFACT, SanshiTriageModel
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
-
-    from sanshi_ml.train import TrainResult
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STORE = "mlflow.db"
 MODEL_ARTIFACT = "model"  # name of the pyfunc model inside a run: runs:/<run_id>/model
-SANSHI_ARTIFACT = "sanshi_model"  # the pyfunc model's artifact: a sanshi-ml model directory
 REPORT_ARTIFACT = "evaluation"  # metrics.json and plots of the out-of-fold estimate
 HOLDOUT_ARTIFACT = "evaluation_holdout"  # the same for the untouched holdout, when train had one
 HOLDOUT_PREFIX = "holdout"  # holdout.category.macro_f1 beside category.macro_f1 (the out-of-fold estimate)
@@ -59,11 +58,24 @@ EXAMPLE_REQUESTS = [
     ("电梯坏了", "A3区青青家园小区的电梯坏了一个多月，物业一直不修"),
     (None, "楼上邻居每天深夜拖动家具，噪音太大，沟通无果"),
 ]
-_PYFUNC_CODE = Path(__file__).parent / "resources" / "mlflow_pyfunc_model.py"
+_PYFUNC_CODE = resource("mlflow_pyfunc_model.py")
 _REQUIREMENTS = ("scikit-learn", "numpy", "scipy", "pandas", "joblib", "rjieba", "jieba", "opencc")
 # MLflow accepts word characters, '.', '-', '/', ' ' and ':' in metric names (':' not on Windows); the rest of a
 # class or slice name (parentheses, '<', '%', '=') becomes '_'.
 _METRIC_UNSAFE = re.compile(r"[^\w.\-/ ]")
+
+
+class TrainingRun(Protocol):
+    """What a training run logs (the stage's :class:`~sanshi_ml.stages.train.TrainResult`, which this layer below the
+    stages knows only by shape): the saved model, its metadata, and the figures with the rows they rest on."""
+
+    model_dir: Path
+    model: Any
+    metadata: dict
+    metrics: dict  # the out-of-fold estimate's
+    records: Any  # the training records
+    estimate: Any  # .predictions: the out-of-fold predictions behind ``metrics``
+    holdout: Any  # None, or .metrics, .records and .predictions of the untouched holdout
 
 
 class TrackingError(RuntimeError):
@@ -200,34 +212,6 @@ def pip_requirements() -> list[str]:
     return [f"mlflow=={mlflow.__version__}", *pins]
 
 
-class SanshiTriageModel(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc wrapper around a sanshi-ml model directory.
-
-    The directory is loaded with :func:`sanshi_ml.artifacts.load_model`, so every check of a model directory
-    applies (the sha256 of the bytes read, the signature when a model key is set, the allow-list unpickler), and
-    answers go through :class:`sanshi_ml.suggest.Suggester`, like the CLI, the server and batch scoring. Input: a
-    frame with ``text`` and an optional ``title``; output: Suggester.score_frame's columns.
-    """
-
-    def load_context(self, context) -> None:
-        from sanshi_ml.suggest import Suggester
-
-        self.suggester = Suggester.from_loaded(load_model(context.artifacts[SANSHI_ARTIFACT]))
-
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from sanshi_ml.text import model_input as input_string  # the argument's name is MLflow's
-
-        frame = pd.DataFrame(model_input)
-        if "text" not in frame:
-            raise TrackingError("input needs a 'text' column (and optionally 'title')")
-        titles = frame["title"] if "title" in frame else [None] * len(frame)
-        texts = [
-            input_string(t if isinstance(t, str) else None, x if isinstance(x, str) else "")
-            for t, x in zip(titles, frame["text"])
-        ]
-        return self.suggester.score_frame(texts)
-
-
 def _signature(output: pd.DataFrame):
     from mlflow.models.signature import ModelSignature, infer_signature
     from mlflow.types.schema import ColSpec, Schema
@@ -260,7 +244,7 @@ def _quiet_downloads() -> Iterator[None]:
             os.environ[key] = saved
 
 
-def _log_model(result: TrainResult, run_id: str, work: Path) -> str:
+def _log_model(result: TrainingRun, run_id: str, work: Path) -> str:
     """Log the model directory (model.joblib, metadata.json and the recorded out-of-fold and holdout outcomes that
     ``evaluate`` grades training rows by, nothing else) as a pyfunc model; returns its URI."""
     from sanshi_ml.suggest import Suggester
@@ -295,14 +279,14 @@ def _log_model(result: TrainResult, run_id: str, work: Path) -> str:
     return info.model_uri
 
 
-def log_training_run(result: TrainResult, params: Params) -> str:
+def log_training_run(result: TrainingRun, params: Params) -> str:
     """Log one training run (params, tags, metrics, plots, model) and return its run id.
 
     The metrics are the saved model's out-of-fold estimate (``category.macro_f1`` …), and with a holdout also the
     figures of the model fitted without it (``holdout.category.macro_f1`` …); the tag ``metrics_source`` and the
     artifacts ``evaluation/`` and ``evaluation_holdout/`` (metrics.json and plots) say which is which.
     """
-    from sanshi_ml.evaluate import write_report
+    from sanshi_ml.evaluation.metrics import write_report
 
     client = _client(params)
     experiment_id = _experiment_id(client, params.tracking.experiment)

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from sanshi_ml.artifacts import ArtifactError, load_model, read_metadata, sha256_file
-from sanshi_ml.text import model_input
+from sanshi_ml.data.records import model_input
 
 
 def test_metadata_records_what_a_model_needs_to_be_trusted(demo_model_dir):
@@ -89,7 +89,7 @@ def test_missing_pieces_are_named(model_copy, tmp_path):
 
 def test_training_is_reproducible_bit_for_bit(repo_params, tmp_path):
     from sanshi_ml.config import with_overrides
-    from sanshi_ml.train import train
+    from sanshi_ml.stages.train import train
     from tests.conftest import DEMO_CSV
 
     params = with_overrides(repo_params, {"data.columns.targets": {"sanshi": "三事"}})
@@ -105,7 +105,7 @@ def test_vocabularies_are_packed_for_fast_loading_and_restored_exactly(demo_mode
 
     import numpy as np
 
-    from sanshi_ml.model import TriageModel, _PackedStrings
+    from sanshi_ml.core.model import TriageModel, _PackedStrings
 
     model = load_model(demo_model_dir).model
     state = model.__getstate__()
@@ -139,7 +139,7 @@ def test_vocabularies_are_packed_for_fast_loading_and_restored_exactly(demo_mode
 
 
 def test_strings_holding_the_separator_are_stored_unpacked():
-    from sanshi_ml.model import _PackedStrings
+    from sanshi_ml.core.model import _PackedStrings
 
     assert _PackedStrings.pack(["a\x00b", "c"]) == ["a\x00b", "c"]
     assert _PackedStrings.unpack(_PackedStrings.pack({})) == {}
@@ -243,22 +243,22 @@ def test_the_metadata_cannot_point_the_model_file_outside_its_directory(model_co
 
 
 def test_recorded_outcome_files_stay_inside_the_model_directory(model_copy, tmp_path, no_key):
-    # train._checked_file reads both the estimate's and the holdout's outcome files (the demo model has no holdout).
-    from sanshi_ml.train import _checked_file
+    # evaluate reads the estimate's and the holdout's outcome files through checked_file (the demo model has no
+    # holdout).
+    from sanshi_ml.artifacts import checked_file
 
     record = read_metadata(model_copy)["estimate"]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     shutil.copy(model_copy / record["file"], elsewhere / record["file"])
-    loaded = SimpleNamespace(path=model_copy)
-    assert _checked_file(loaded, record) == model_copy / record["file"]
+    assert checked_file(model_copy, record) == model_copy / record["file"]
     for name in (f"../elsewhere/{record['file']}", str(elsewhere / record["file"])):
         with pytest.raises(ArtifactError, match="only a file name inside the model directory"):
-            _checked_file(loaded, {**record, "file": name})
+            checked_file(model_copy, {**record, "file": name})
 
 
 def _with_policy_file(model_copy, tmp_path):
-    from sanshi_ml.policy import DEFAULT_POLICY_FILE
+    from sanshi_ml.core.policy import DEFAULT_POLICY_FILE
 
     policy = tmp_path / "policy.yaml"
     shutil.copy(DEFAULT_POLICY_FILE, policy)
@@ -291,7 +291,7 @@ def test_a_policy_given_explicitly_is_used_and_the_difference_said(model_copy, t
 
 
 def test_dask_workers_unpickle_through_the_same_checks(demo_model_dir, tmp_path, no_key):
-    from sanshi_ml.policy import load_policy
+    from sanshi_ml.core.policy import load_policy
     from sanshi_ml.scoring import ModelBundle, ScoringError, _bundle_suggester
 
     marker = tmp_path / "ran"
@@ -310,7 +310,7 @@ def test_dask_workers_unpickle_through_the_same_checks(demo_model_dir, tmp_path,
 
 
 def test_the_mlflow_pyfunc_wrapper_loads_through_the_same_checks(model_copy, tmp_path, no_key):
-    from sanshi_ml.tracking import SANSHI_ARTIFACT, SanshiTriageModel
+    from sanshi_ml.pyfunc import SANSHI_ARTIFACT, SanshiTriageModel
 
     marker = tmp_path / "ran"
     _plant(model_copy, _RunsCode(marker))
@@ -340,7 +340,7 @@ def test_every_estimator_a_setting_can_put_in_a_model_passes_the_allow_list():
     from sklearn.linear_model import LogisticRegression, SGDClassifier
     from sklearn.svm import LinearSVC
 
-    from sanshi_ml.text import Segmenter
+    from sanshi_ml.core.text import Segmenter
 
     X = np.random.default_rng(0).normal(size=(60, 4))
     y = np.array(["公事", "共事", "家事"] * 20, dtype=object)

@@ -8,10 +8,10 @@ from sklearn.datasets import make_classification
 from sklearn.linear_model import SGDClassifier
 from sklearn.svm import LinearSVC
 
-from sanshi_ml.calibration import ConfidenceMap, cross_fitted_classifier
 from sanshi_ml.config import TrainConfig
-from sanshi_ml.evaluate import expected_calibration_error
-from sanshi_ml.model import _cross_fit_folds, _fold_classifier
+from sanshi_ml.core.calibration import ConfidenceMap, cross_fitted_classifier
+from sanshi_ml.core.model import _cross_fit_folds, _fold_classifier
+from sanshi_ml.evaluation.metrics import expected_calibration_error
 
 # ------------------------------------------------------------------------------------------------- cross-fitting
 
@@ -63,7 +63,7 @@ def test_fold_models_get_the_final_models_regularisation_per_row():
     sgd_cfg = TrainConfig(C=0.7, classifier="sgd_modified_huber")
     sgd = _fold_classifier(sgd_cfg, n_rows=1000, n_fold_rows=800.0)
     # SGD's alpha is already per row: the fold's equals the final model's
-    from sanshi_ml.model import _base_classifier
+    from sanshi_ml.core.model import _base_classifier
 
     final = _base_classifier(sgd_cfg, n_rows=1000)
     assert isinstance(sgd, SGDClassifier) and sgd.alpha == pytest.approx(final.alpha)

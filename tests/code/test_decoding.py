@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sanshi_ml.decoding import LinkedTargets
+from sanshi_ml.core.decoding import LinkedTargets
 
 CATEGORIES = ["城乡建设", "环境保护"]
 SUBCATEGORIES = ["物业管理", "噪音污染", "垃圾处理"]
@@ -48,7 +48,7 @@ def test_shape_mismatch_is_a_clear_error():
 def _demo_records(repo_params, targets):
     import pandas as pd
 
-    from sanshi_ml.records import ColumnMap, to_records
+    from sanshi_ml.data.records import ColumnMap, to_records
     from tests.conftest import DEMO_CSV
 
     frame = pd.read_csv(DEMO_CSV, dtype=str)
@@ -57,7 +57,7 @@ def _demo_records(repo_params, targets):
 
 @pytest.mark.parametrize("classifier", ["linear_svc", "logistic_regression", "sgd_modified_huber"])
 def test_linked_heads_only_ever_suggest_pairs_seen_in_training(repo_params, classifier):
-    from sanshi_ml.model import StackedHeads, TriageModel
+    from sanshi_ml.core.model import StackedHeads, TriageModel
 
     records = _demo_records(repo_params, {"sanshi": "三事", "unit": "承办单位"})
     train_cfg = repo_params.train.model_copy(update={"classifier": classifier})
@@ -80,7 +80,7 @@ def test_linked_heads_only_ever_suggest_pairs_seen_in_training(repo_params, clas
 def test_without_links_each_head_takes_its_own_argmax_and_old_models_load(repo_params):
     import pickle
 
-    from sanshi_ml.model import TriageModel
+    from sanshi_ml.core.model import TriageModel
 
     records = _demo_records(repo_params, {"sanshi": "三事", "unit": "承办单位"})
     train_cfg = repo_params.train.model_copy(update={"linked_targets": []})
@@ -97,7 +97,7 @@ def test_without_links_each_head_takes_its_own_argmax_and_old_models_load(repo_p
 
 
 def test_prior_correction_moves_decisions_toward_a_rare_label_only_when_the_hold_out_says_so():
-    from sanshi_ml.model import TargetPredictions, choose_prior_correction, prior_weights
+    from sanshi_ml.core.model import TargetPredictions, choose_prior_correction, prior_weights
 
     classes = ["公事", "家事"]
     y_fit = np.array(["公事"] * 90 + ["家事"] * 10)
@@ -120,7 +120,7 @@ def test_prior_correction_moves_decisions_toward_a_rare_label_only_when_the_hold
 
 
 def test_the_chosen_strength_is_recorded_and_zero_means_no_weights(repo_params):
-    from sanshi_ml.model import TriageModel
+    from sanshi_ml.core.model import TriageModel
 
     records = _demo_records(repo_params, {"sanshi": "三事", "category": "一级分类"})
     off = repo_params.train.model_copy(update={"prior_correction_by_target": {}})
@@ -137,7 +137,7 @@ def test_the_chosen_strength_is_recorded_and_zero_means_no_weights(repo_params):
 
 
 def test_review_thresholds_and_confidence_maps_come_from_every_training_row_out_of_fold(repo_params):
-    from sanshi_ml.model import TriageModel
+    from sanshi_ml.core.model import TriageModel
 
     records = _demo_records(repo_params, {"sanshi": "三事", "unit": "承办单位"})
     model = TriageModel(repo_params.text, repo_params.features, repo_params.train).fit(

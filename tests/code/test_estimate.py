@@ -11,11 +11,12 @@ import pytest
 
 from sanshi_ml.artifacts import ArtifactError, load_model
 from sanshi_ml.config import ConfigError, load_params, with_overrides
-from sanshi_ml.estimate import ESTIMATE_FILE, HOLDOUT_FILE, estimate
-from sanshi_ml.evaluate import evaluate_model
-from sanshi_ml.model import ModelError, TriageModel
-from sanshi_ml.records import ColumnMap, load_records, split_indices, subset
-from sanshi_ml.train import evaluate, grade, train
+from sanshi_ml.core.model import ModelError, TriageModel
+from sanshi_ml.data.records import ColumnMap, load_records, split_indices, subset
+from sanshi_ml.evaluation.estimate import ESTIMATE_FILE, HOLDOUT_FILE, estimate
+from sanshi_ml.evaluation.metrics import evaluate_model
+from sanshi_ml.stages.evaluate import evaluate, grade
+from sanshi_ml.stages.train import train
 from tests.conftest import DEMO_CSV
 
 TARGETS = {"category": "一级分类", "sanshi": "三事", "unit": "承办单位", "appeal": "诉求类型"}

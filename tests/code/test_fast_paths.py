@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from sanshi_ml.config import FeaturesConfig
-from sanshi_ml.features import FastTfidf, TokenCodes, build_vectorizer, char_ngrams, joined_text_of
-from sanshi_ml.text import _PII_PATTERNS, Segmenter, model_input, nfkc_many, normalize, normalize_many
+from sanshi_ml.core.features import FastTfidf, TokenCodes, build_vectorizer, char_ngrams, joined_text_of
+from sanshi_ml.core.text import _PII_PATTERNS, Segmenter, nfkc_many, normalize, normalize_many
+from sanshi_ml.data.records import model_input
 
 TEXTS = [
     "A3区青青家园小区的电梯坏了一个多月，物业一直不修",
@@ -243,8 +244,8 @@ def test_the_title_block_reads_the_title_alone_and_weighs_it_as_configured(demo_
 def test_stacked_heads_give_sklearns_probabilities_bit_for_bit_binary_heads_too_float32_weights(repo_params):
     import pandas as pd
 
-    from sanshi_ml.model import StackedHeads, TriageModel
-    from sanshi_ml.records import ColumnMap, to_records
+    from sanshi_ml.core.model import StackedHeads, TriageModel
+    from sanshi_ml.data.records import ColumnMap, to_records
     from tests.conftest import DEMO_CSV
 
     frame = pd.read_csv(DEMO_CSV, dtype=str)
@@ -299,7 +300,7 @@ def test_model_with_a_title_block_falls_back_to_sklearn_with_the_same_features(d
 def test_texts_the_pii_prefilter_passes_over_have_nothing_to_mask():
     # Random strings made of what the patterns look for (ASCII, full-width and Arabic-Indic digits, separators,
     # letters, province characters, @): every string that mask_pii changes is a candidate.
-    from sanshi_ml.text import mask_pii, pii_candidates
+    from sanshi_ml.core.text import mask_pii, pii_candidates
 
     rng = random.Random(11)
     alphabet = "0123456789" * 4 + "٣٤٥" + "+-() .·@Xx" + "AaBz" + "湘京粤" + "号码的" + "\u200b\u00ad\ufeff\U000e0020"

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sanshi_ml.readers import MALFORMED_LINE, RecordError, iter_table, malformed_lines, read_table, swallowed
-from sanshi_ml.records import ColumnMap, load_many
+from sanshi_ml.data.readers import MALFORMED_LINE, RecordError, iter_table, malformed_lines, read_table, swallowed
+from sanshi_ml.data.records import ColumnMap, load_many
 from sanshi_ml.scoring import parts_dir_for, score
 from tests.conftest import DEMO_CSV
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from sanshi_ml.artifacts import load_model
-from sanshi_ml.calibration import NEVER_ACCEPT, choose_threshold
-from sanshi_ml.evaluate import expected_calibration_error
+from sanshi_ml.core.calibration import NEVER_ACCEPT, choose_threshold
+from sanshi_ml.evaluation.metrics import expected_calibration_error
 from sanshi_ml.suggest import Suggester, text_status
 
 
@@ -96,8 +96,8 @@ def test_text_status(value, status):
 def test_title_block_only_where_it_is_on_and_the_records_have_titles(repo_params):
     import pandas as pd
 
-    from sanshi_ml.model import TriageModel
-    from sanshi_ml.records import ColumnMap, to_records
+    from sanshi_ml.core.model import TriageModel
+    from sanshi_ml.data.records import ColumnMap, to_records
     from tests.conftest import DEMO_CSV
 
     frame = pd.read_csv(DEMO_CSV, dtype=str)

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from sanshi_ml.text import PII_PLACEHOLDERS, mask_pii, normalize, normalize_many
+from sanshi_ml.core.text import PII_PLACEHOLDERS, mask_pii, normalize, normalize_many
 
 PLACEHOLDERS = re.compile("|".join(sorted(set(PII_PLACEHOLDERS.values()))))
 INVISIBLE = ["\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad", "\u200e", "\U000e0020"]
@@ -133,7 +133,7 @@ def test_masking_is_idempotent():
 
 def test_planted_values_never_reach_the_model_tokens(demo_model_dir):
     from sanshi_ml.artifacts import load_model
-    from sanshi_ml.text import model_input
+    from sanshi_ml.data.records import model_input
 
     model = load_model(demo_model_dir).model
     texts = [

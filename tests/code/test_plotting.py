@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from sanshi_ml.plotting import CJK_FONT_NAMES
+from sanshi_ml.evaluation.plotting import CJK_FONT_NAMES
 
 BUILD_CACHE = "import matplotlib.font_manager"
 
@@ -27,7 +27,7 @@ from matplotlib import font_manager
 stale = not any(font.name in NAMES for font in font_manager.fontManager.ttflist)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    from sanshi_ml.plotting import cjk_font, pyplot
+    from sanshi_ml.evaluation.plotting import cjk_font, pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from sanshi_ml.policy import PolicyError, load_policy
+from sanshi_ml.core.policy import PolicyError, load_policy
 
 
 def test_default_list_covers_the_three_classes():

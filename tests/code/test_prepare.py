@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from sanshi_ml.config import Params, with_overrides
-from sanshi_ml.prepare import PREPARED_FILE, REPORT_FILE, prepare
-from sanshi_ml.records import ColumnMap, RecordError, load_many, load_records, split_indices
+from sanshi_ml.data.records import ColumnMap, RecordError, load_many, load_records, split_indices
+from sanshi_ml.stages.prepare import PREPARED_FILE, REPORT_FILE, prepare
 from tests.conftest import DEMO_CSV
 
 

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from sanshi_ml.cli import app
 from sanshi_ml.config import ConfigError, Params, with_overrides
-from sanshi_ml.readers import SAMPLE_BYTES, ReadOptions, RecordError, header_index, inspect, iter_table, read_table
-from sanshi_ml.records import ColumnMap, load_records
+from sanshi_ml.data.readers import SAMPLE_BYTES, ReadOptions, RecordError, header_index, inspect, iter_table, read_table
+from sanshi_ml.data.records import ColumnMap, load_records
 from tests.conftest import DEMO_CSV
 
 CMAP = ColumnMap(

@@ -4,7 +4,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sanshi_ml.records import ColumnMap, RecordError, fold_indices, load_many, load_records, read_table, split_indices
+from sanshi_ml.data.records import (
+    ColumnMap,
+    RecordError,
+    fold_indices,
+    load_many,
+    load_records,
+    read_table,
+    split_indices,
+)
 
 CMAP = ColumnMap(text_cols=("主题", "内容"), targets={"category": "类别", "sanshi": "三事分类"})
 

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sanshi_ml.records import RecordError
-from sanshi_ml.report import report
+from sanshi_ml.data.records import RecordError
 from sanshi_ml.scoring import score
+from sanshi_ml.stages.report import report
 from tests.conftest import DEMO_CSV
 
 

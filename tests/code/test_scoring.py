@@ -15,10 +15,10 @@ import pytest
 from typer.testing import CliRunner
 
 from sanshi_ml import scoring
-from sanshi_ml import text as text_module
 from sanshi_ml.artifacts import load_model, save_model
 from sanshi_ml.cli import app
-from sanshi_ml.records import ColumnMap, RecordError
+from sanshi_ml.core import text as text_module
+from sanshi_ml.data.records import ColumnMap, RecordError
 from sanshi_ml.scoring import (
     ScoringError,
     ScoringSpec,
@@ -199,7 +199,7 @@ def test_resume_refuses_another_model_or_changed_input(tmp_path, demo_model_dir,
 def test_resume_refuses_another_policy(tmp_path, demo_model_dir, demo_sample):
     out = tmp_path / "scored.parquet"
     score([demo_sample], demo_model_dir, out, chunk_size=20, jobs=1, progress=False, keep_parts=True)
-    from sanshi_ml.policy import DEFAULT_POLICY_FILE
+    from sanshi_ml.core.policy import DEFAULT_POLICY_FILE
 
     edited = tmp_path / "policy.yaml"
     edited.write_text(

@@ -9,16 +9,16 @@ import pytest
 from crepes import ConformalClassifier
 
 from sanshi_ml.artifacts import load_model
-from sanshi_ml.calibration import ConformalSets, apply_temperature, fit_temperature
 from sanshi_ml.config import ConfigError, Params, with_overrides
-from sanshi_ml.evaluate import (
+from sanshi_ml.core.calibration import ConformalSets, apply_temperature, fit_temperature
+from sanshi_ml.core.model import TargetPredictions
+from sanshi_ml.data.records import ColumnMap, load_records
+from sanshi_ml.evaluation.metrics import (
     conformal_metrics,
     evaluate_model,
     selective_metrics,
     write_report,
 )
-from sanshi_ml.model import TargetPredictions
-from sanshi_ml.records import ColumnMap, load_records
 from sanshi_ml.suggest import REVIEW_AMBIGUOUS, REVIEW_LOW_CONFIDENCE, Suggester
 from tests.conftest import DEMO_CSV
 

@@ -4,20 +4,17 @@ import pickle
 
 import pytest
 
-from sanshi_ml.text import (
-    TITLE_END,
+from sanshi_ml.core.text import (
     TITLE_MARK,
     Segmenter,
-    compose,
     mark_titles,
     mask_pii,
-    model_input,
     normalize,
     normalize_many,
     split_segmented,
-    split_title,
     strip_html,
 )
+from sanshi_ml.data.records import TITLE_END, compose, model_input, split_title
 
 
 def test_nfkc_folds_full_width_forms():
@@ -170,7 +167,7 @@ def test_a_lone_surrogate_becomes_a_replacement_character_not_an_error():
 
 
 def test_texts_without_a_trigger_are_left_to_themselves_and_the_rest_converted():
-    from sanshi_ml.text import _t2s, _to_simplified, needs_simplifying
+    from sanshi_ml.core.text import _t2s, _to_simplified, needs_simplifying
 
     assert not needs_simplifying("小区电梯停了一个多月,物业一直不修")  # simplified already: no conversion
     for text in ("社區電梯壞了", "他沈迷游戏", "答覆如下", "打坏了", "乾隆", "\U00020bb7野家"):
@@ -187,7 +184,7 @@ def test_the_trigger_list_matches_the_installed_opencc_dictionaries():
 
     if not (Path(opencc.__file__).parent / "clib" / "bin" / "opencc_dict").exists():
         pytest.skip("this OpenCC build ships no opencc_dict tool to dump its dictionaries")
-    from sanshi_ml.text import _t2s_triggers
+    from sanshi_ml.core.text import _t2s_triggers
 
     if _t2s_triggers() is None:  # another OpenCC release: every text is converted, correct but without the shortcut
         pytest.skip("the trigger list was made for another OpenCC version; run scripts/opencc_triggers.py")
@@ -201,7 +198,7 @@ def test_skipping_the_conversion_never_changes_a_result():
     # (沈 覆 坏 瞭 藉 …) and common simplified ones: the shortcut and the plain conversion agree on each.
     import random
 
-    from sanshi_ml.text import _builtin_path, _t2s, _to_simplified
+    from sanshi_ml.core.text import _builtin_path, _t2s, _to_simplified
 
     lines = _builtin_path("opencc_t2s_triggers.txt").read_text(encoding="utf-8").splitlines()
     triggers = "".join(line for line in lines if not line.startswith("#"))
@@ -217,7 +214,7 @@ def test_skipping_the_conversion_never_changes_a_result():
 def test_another_opencc_version_converts_every_text(monkeypatch):
     import importlib.metadata
 
-    from sanshi_ml import text as text_module
+    from sanshi_ml.core import text as text_module
 
     real_version = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0.1" if name == "opencc" else real_version(name))

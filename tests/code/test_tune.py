@@ -7,8 +7,8 @@ from typer.testing import CliRunner
 
 from sanshi_ml.cli import app
 from sanshi_ml.config import ConfigError, load_params
-from sanshi_ml.records import ColumnMap, load_records
-from sanshi_ml.tune import apply_setting, candidate_settings, tune, write_best
+from sanshi_ml.data.records import ColumnMap, load_records
+from sanshi_ml.stages.tune import apply_setting, candidate_settings, tune, write_best
 from tests.conftest import DEMO_CSV
 
 

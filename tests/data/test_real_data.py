@@ -6,9 +6,9 @@ import re
 import pandas as pd
 import pytest
 
-from sanshi_ml.policy import load_policy
-from sanshi_ml.records import ColumnMap, load_records, read_table
-from sanshi_ml.text import Segmenter, compose, normalize
+from sanshi_ml.core.policy import load_policy
+from sanshi_ml.core.text import Segmenter, normalize
+from sanshi_ml.data.records import ColumnMap, compose, load_records, read_table
 from tests.conftest import PETITION_TARGETS, SHARED_DATA, require
 
 pytestmark = pytest.mark.real_data

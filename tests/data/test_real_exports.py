@@ -18,8 +18,8 @@ import pytest
 from typer.testing import CliRunner
 
 from sanshi_ml.cli import app
-from sanshi_ml.readers import ReadOptions, inspect
-from sanshi_ml.records import ColumnMap, load_records
+from sanshi_ml.data.readers import ReadOptions, inspect
+from sanshi_ml.data.records import ColumnMap, load_records
 from sanshi_ml.scoring import part_paths, score
 from tests.conftest import PETITION_TARGETS
 
@@ -281,7 +281,7 @@ def _real_csvs() -> list[Path]:
 def test_real_exports_with_multiline_cells_are_read_by_the_fast_path_and_the_careful_reader_alike(petitions_csv, name):
     """The real texts hold line breaks (up to 39 in a cell): none of them is taken for swallowed records, and the
     careful reader, which a damaged file is read with, gives the fast path's frame cell for cell."""
-    from sanshi_ml.readers import MALFORMED_LINE, _careful_frames, iter_table, read_table
+    from sanshi_ml.data.readers import MALFORMED_LINE, _careful_frames, iter_table, read_table
 
     path = next(p for p in _real_csvs() if p.name == name)
     fast = read_table(path)
@@ -297,7 +297,7 @@ def test_real_multiline_texts_in_narrow_exports_are_never_flagged(petitions_csv,
     """The fewer the columns, the more a line of prose with ASCII commas looks like a row: every real message (title
     and text, so every cell spans lines) in an export of 2 to 6 columns, in each position, reads back unchanged,
     with no malformed row (a cell the fast path is unsure of sends the file to the careful reader, which decides)."""
-    from sanshi_ml.readers import MALFORMED_LINE, malformed_lines, read_table
+    from sanshi_ml.data.readers import MALFORMED_LINE, malformed_lines, read_table
 
     messages = pd.read_csv(petitions_csv, dtype=str, keep_default_na=False)
     columns = {

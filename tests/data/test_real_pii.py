@@ -10,8 +10,8 @@ import re
 
 import pytest
 
-from sanshi_ml.records import read_table
-from sanshi_ml.text import PII_PLACEHOLDERS, compose, mask_pii, normalize_many
+from sanshi_ml.core.text import PII_PLACEHOLDERS, mask_pii, normalize_many
+from sanshi_ml.data.records import compose, read_table
 
 pytestmark = pytest.mark.real_data
 

@@ -9,7 +9,7 @@ import opencc
 import pytest
 
 from sanshi_ml.artifacts import load_model
-from sanshi_ml.records import ColumnMap, load_records
+from sanshi_ml.data.records import ColumnMap, load_records
 from sanshi_ml.suggest import Suggester
 from tests.conftest import PETITION_TARGETS
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from sanshi_ml.artifacts import load_model
-from sanshi_ml.evaluate import evaluate_model
-from sanshi_ml.model import TriageModel
-from sanshi_ml.records import ColumnMap, load_records, split_indices, subset
-from sanshi_ml.train import grade
+from sanshi_ml.core.model import TriageModel
+from sanshi_ml.data.records import ColumnMap, load_records, split_indices, subset
+from sanshi_ml.evaluation.metrics import evaluate_model
+from sanshi_ml.stages.evaluate import grade
 from tests.conftest import PETITION_TARGETS
 
 pytestmark = [pytest.mark.real_data, pytest.mark.slow]

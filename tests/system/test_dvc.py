@@ -18,7 +18,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from sanshi_ml.records import ColumnMap, load_records
+from sanshi_ml.data.records import ColumnMap, load_records
 from tests.conftest import DEMO_CSV, REPO
 
 pytestmark = pytest.mark.slow  # a full repro and one experiment: about a minute on 2 cores

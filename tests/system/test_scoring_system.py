@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sanshi_ml.artifacts import load_model
-from sanshi_ml.records import ColumnMap
+from sanshi_ml.data.records import ColumnMap
 from sanshi_ml.scoring import ScoringSpec, score, score_chunk
 from sanshi_ml.suggest import Suggester
 from tests.conftest import DEMO_CSV
@@ -156,11 +156,12 @@ def test_batch_scoring_gives_the_servers_answer(demo_model_dir, tmp_path):
     assert row["sanshi_colour"] == body["fields"]["sanshi"]["sanshi"]["colour"]
 
 
-def _wait_for(path: Path, victim: subprocess.Popen, timeout: float = 180) -> None:
+def _wait_for(directory: Path, pattern: str, victim: subprocess.Popen, timeout: float = 180) -> None:
+    """Until a file matching ``pattern`` appears in ``directory``, while ``victim`` still runs."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert victim.poll() is None, f"the run ended before it reached {path.name}: {victim.communicate()}"
-        assert time.monotonic() < deadline, f"{path} did not appear"
+    while not (directory.is_dir() and any(directory.glob(pattern))):
+        assert victim.poll() is None, f"the run ended before it reached {pattern}: {victim.communicate()}"
+        assert time.monotonic() < deadline, f"{directory / pattern} did not appear"
         time.sleep(0.02)
 
 
@@ -172,7 +173,7 @@ def test_kill_9_during_assembly_then_resume_leaves_nothing_behind(archive, demo_
     parts = out_dir / "scored.csv.parts"
     # The test hook holds the run after the assembled output is complete and before it is renamed into place.
     victim = run_score(archive, demo_model_dir, out, env={**os.environ, "SANSHI_TEST_ASSEMBLY_PAUSE": "120"})
-    _wait_for(parts / ".assembling", victim)
+    _wait_for(parts, ".scored.csv.*", victim)  # the output being assembled, in the run's parts directory
     time.sleep(0.5)
     os.kill(victim.pid, signal.SIGKILL)  # a real kill -9 of the scoring process, mid-assembly
     victim.communicate()
@@ -189,7 +190,7 @@ def test_kill_9_during_assembly_then_resume_leaves_nothing_behind(archive, demo_
 
 @pytest.mark.slow
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(archive, demo_model_dir, tmp_path):
-    from sanshi_ml.outputs import OutputError
+    from sanshi_ml.data.outputs import OutputError
 
     out = tmp_path / "scored.parquet"
     parts = tmp_path / "scored.parquet.parts"
@@ -203,7 +204,7 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(arc
     second = run_score(archive, demo_model_dir, out, "--overwrite")
     _, stderr = second.communicate(timeout=120)
     assert second.returncode == 2 and "another sanshi-ml score run" in stderr and "Traceback" not in stderr
-    _wait_for(parts / ".assembling", first)  # the first run went on undisturbed, to its assembly
+    _wait_for(parts, ".scored.parquet.*", first)  # the first run went on undisturbed, to its assembly
     assert len(list(parts.glob("*.done.json"))) == 40
     os.kill(first.pid, signal.SIGKILL)  # a dead holder's lock is released by the kernel
     first.communicate()

@@ -14,8 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from sanshi_ml.artifacts import load_model
+from sanshi_ml.data.records import model_input
 from sanshi_ml.suggest import Suggester
-from sanshi_ml.text import model_input
 from serve.app import create_app
 from serve.store import FeedbackEntry, FeedbackStore
 from tests.conftest import DEMO_CSV
@@ -412,8 +412,8 @@ def test_export_is_a_csv_with_the_models_training_columns(served):
 
 def test_corrections_from_the_export_train_the_next_model(demo_model_dir, tmp_path, repo_params):
     """Clerks correct suggestions; the export is appended to the demo data and `train` learns from both."""
-    from sanshi_ml.records import ColumnMap, load_records
-    from sanshi_ml.train import train
+    from sanshi_ml.data.records import ColumnMap, load_records
+    from sanshi_ml.stages.train import train
 
     app = create_app(make_settings(demo_model_dir, f"sqlite:///{tmp_path / 'f.db'}"))
     corrections = [

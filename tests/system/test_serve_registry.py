@@ -8,9 +8,9 @@ from fastapi.testclient import TestClient
 
 from sanshi_ml.artifacts import load_model
 from sanshi_ml.config import with_overrides
+from sanshi_ml.stages.train import train
 from sanshi_ml.suggest import Suggester
 from sanshi_ml.tracking import champion_uri, promote
-from sanshi_ml.train import train
 from serve.app import create_app
 from serve.settings import Settings
 from tests.conftest import DEMO_CSV

@@ -20,9 +20,10 @@ from typer.testing import CliRunner
 from sanshi_ml.artifacts import load_model, sha256_file
 from sanshi_ml.cli import app
 from sanshi_ml.config import with_overrides
+from sanshi_ml.stages.evaluate import evaluate
+from sanshi_ml.stages.train import train
 from sanshi_ml.suggest import Suggester
 from sanshi_ml.tracking import champion_uri, load_registered_model_dir, promote
-from sanshi_ml.train import evaluate, train
 from tests.conftest import DEMO_CSV
 
 pytestmark = pytest.mark.slow  # two trainings and a registry: about 20 s

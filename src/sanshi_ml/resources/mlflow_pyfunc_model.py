@@ -8,6 +8,6 @@ allow-list).
 
 from mlflow.models import set_model
 
-from sanshi_ml.tracking import SanshiTriageModel
+from sanshi_ml.pyfunc import SanshiTriageModel
 
 set_model(SanshiTriageModel())

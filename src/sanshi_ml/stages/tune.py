@@ -19,9 +19,9 @@ import yaml
 from sklearn.model_selection import ParameterGrid, ParameterSampler
 
 from sanshi_ml.config import ConfigError, Params, parse_params
-from sanshi_ml.evaluate import cross_validate
-from sanshi_ml.model import TriageModel
-from sanshi_ml.records import RecordSet
+from sanshi_ml.core.model import TriageModel
+from sanshi_ml.data.records import RecordSet
+from sanshi_ml.evaluation.metrics import cross_validate
 
 log = logging.getLogger(__name__)
 

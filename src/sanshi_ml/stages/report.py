@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from sanshi_ml.outputs import check_writable, writing
-from sanshi_ml.policy import TriagePolicy, load_policy
-from sanshi_ml.records import RecordError
+from sanshi_ml.core.policy import TriagePolicy, load_policy
+from sanshi_ml.data.outputs import check_writable, writing
+from sanshi_ml.data.records import RecordError
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def _class_order(policy: TriagePolicy, seen: list[str]) -> list[str]:
 
 def monthly_chart(months: pd.DataFrame, classes: list[str], policy: TriagePolicy, path: Path) -> Path:
     """Stacked bars: records per month by predicted 三事 class, in the policy's colours."""
-    from sanshi_ml.plotting import pyplot
+    from sanshi_ml.evaluation.plotting import pyplot
 
     plt = pyplot()
     dated = months[months["month"] != NO_MONTH]
@@ -297,7 +297,7 @@ def monthly_chart(months: pd.DataFrame, classes: list[str], policy: TriagePolicy
 
 def units_chart(units: pd.DataFrame, classes: list[str], policy: TriagePolicy, path: Path) -> Path:
     """Horizontal bars: the top units by records, each split by predicted 三事 class."""
-    from sanshi_ml.plotting import pyplot
+    from sanshi_ml.evaluation.plotting import pyplot
 
     plt = pyplot()
     data = units.iloc[::-1].reset_index(drop=True)  # largest at the top
@@ -322,7 +322,7 @@ def units_chart(units: pd.DataFrame, classes: list[str], policy: TriagePolicy, p
 
 def review_chart(review: pd.DataFrame, path: Path) -> Path:
     """Bars: the share of scored records flagged for a person to review, per target and for any target."""
-    from sanshi_ml.plotting import pyplot
+    from sanshi_ml.evaluation.plotting import pyplot
 
     plt = pyplot()
     names = [TARGET_TITLES.get(t, t) if t != "any" else "任一字段" for t in review["target"]]

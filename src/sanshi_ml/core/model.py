@@ -4,7 +4,7 @@ chosen on out-of-fold predictions, and reason terms.
 Texts are normalised and segmented once; one TF-IDF matrix feeds every target's classifier. Where records have
 titles, the title's words get a second, down-weighted block of their own besides their place in the whole text.
 Each classifier is a LinearSVC wrapped in ``CalibratedClassifierCV`` (one final estimator trained on all rows,
-calibrated on out-of-fold decision values; see :mod:`sanshi_ml.calibration`), so every prediction carries a
+calibrated on out-of-fold decision values; see :mod:`sanshi_ml.core.calibration`), so every prediction carries a
 probability for each label.
 """
 
@@ -26,7 +26,8 @@ from sklearn.linear_model._base import LinearClassifierMixin
 from sklearn.pipeline import FeatureUnion
 from sklearn.svm import LinearSVC
 
-from sanshi_ml.calibration import (
+from sanshi_ml.config import FeaturesConfig, TextConfig, TrainConfig
+from sanshi_ml.core.calibration import (
     NEVER_ACCEPT,
     ConfidenceMap,
     ConformalSets,
@@ -38,11 +39,10 @@ from sanshi_ml.calibration import (
     label_columns,
     out_of_fold_decisions,
 )
-from sanshi_ml.config import FeaturesConfig, TextConfig, TrainConfig
-from sanshi_ml.decoding import LinkedTargets
-from sanshi_ml.features import FastTfidf, TokenCodes, build_vectorizer, feature_names, joined_text_of
-from sanshi_ml.records import RecordSet, grouped_folds
-from sanshi_ml.text import TITLE_MARK, Segmenter, mark_titles, normalize, normalize_many, split_title
+from sanshi_ml.core.decoding import LinkedTargets
+from sanshi_ml.core.features import FastTfidf, TokenCodes, build_vectorizer, feature_names, joined_text_of
+from sanshi_ml.core.text import TITLE_MARK, Segmenter, mark_titles, normalize, normalize_many
+from sanshi_ml.data.records import RecordSet, grouped_folds, split_title
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ class _PackedStrings:
 
 def _title_positions(marks: np.ndarray, separators: np.ndarray, text_of: np.ndarray) -> np.ndarray:
     """Positions of the title tokens among the tokens of marked texts cut in one call: in each text, the tokens
-    before its :data:`~sanshi_ml.text.TITLE_MARK` (at ``marks``; a text without one has no title)."""
+    before its :data:`~sanshi_ml.core.text.TITLE_MARK` (at ``marks``; a text without one has no title)."""
     text_starts = np.concatenate([[0], np.asarray(separators, dtype=np.int64) + 1])
     starts = text_starts[text_of[marks]]
     lengths = marks - starts
@@ -632,7 +632,8 @@ class TriageModel:
         return normalize_many(texts, to_simplified=cfg.to_simplified, pii=cfg.mask_pii, lowercase=cfg.lowercase)
 
     def tokens(self, texts: Sequence[str]) -> list[list[str]]:
-        """Content words of model input strings (:func:`sanshi_ml.text.model_input`: title and text together)."""
+        """Content words of model input strings (:func:`sanshi_ml.data.records.model_input`: title and text
+        together)."""
         return self.segmenter.cut_many(self.normalize_many(texts))
 
     def title_tokens(self, texts: Sequence[str]) -> list[list[str]]:
@@ -681,7 +682,7 @@ class TriageModel:
 
     def _transform_with_titles(self, texts: Sequence[str]) -> sp.csr_matrix:
         """:meth:`transform` for a model with a title block. Each string is normalised and cut whole, with the
-        title's end as a token of its own (:func:`sanshi_ml.text.mark_titles`), which the filter drops: the whole
+        title's end as a token of its own (:func:`sanshi_ml.core.text.mark_titles`), which the filter drops: the whole
         text's block is what cutting the joined title and text gives, and the tokens before the mark feed the
         title block as well."""
         normalized = self.normalize_many(mark_titles(texts))

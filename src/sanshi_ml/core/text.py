@@ -15,6 +15,9 @@ from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
 
+from sanshi_ml import resource
+from sanshi_ml.data.records import TITLE_END
+
 log = logging.getLogger(__name__)
 
 BUILTIN = "builtin"
@@ -309,34 +312,6 @@ def nfkc_many(texts: Sequence[str]) -> list[str]:
     return [unicodedata.normalize("NFC", text) for text in decomposed]
 
 
-def compose(title: str | None, text: str | None) -> str:
-    """Title and text as one human-readable string (an export's single text cell): joined by a newline."""
-    title = (title or "").strip()
-    text = (text or "").strip()
-    if title and text:
-        return f"{title}\n{text}"
-    return title or text
-
-
-# Ends the title in a model's input string (the ASCII unit separator; model_input turns any inside a title or text
-# into a space). str.split() counts it as whitespace, so normalising a whole input string makes it a space, exactly
-# like the newline that joined title and text before titles had a feature block of their own.
-TITLE_END = "\x1f"
-
-
-def model_input(title: str | None, text: str | None) -> str:
-    """The string a model reads: the title, :data:`TITLE_END`, then the text; without a title, the text alone."""
-    title = (title or "").replace(TITLE_END, " ").strip()
-    text = (text or "").replace(TITLE_END, " ").strip()
-    return f"{title}{TITLE_END}{text}" if title else text
-
-
-def split_title(text: str) -> tuple[str, str]:
-    """(title, text) of a :func:`model_input` string; a string without a title is all text."""
-    title, found, body = text.partition(TITLE_END)
-    return (title, body) if found else ("", text)
-
-
 # The title's end as a token of its own: a private-use character, which normalisation leaves as it is, both
 # segmenters cut off on its own between the spaces around it, and the filter drops as a non-word token.
 TITLE_MARK = "\ue000"
@@ -358,7 +333,7 @@ def _read_word_list(path: str | Path) -> list[str]:
 
 
 def _builtin_path(name: str) -> Path:
-    return Path(__file__).with_name("resources") / name
+    return resource(name)
 
 
 @lru_cache(maxsize=8)
@@ -514,7 +489,7 @@ class Segmenter:
 
         Text ``i``'s tokens lie between the ``i-1``-th and ``i``-th newline token. None when a text holds a newline
         itself: then use :meth:`raw_cut_many`. The caller finds the newline tokens (by code, see
-        :class:`sanshi_ml.features.TokenCodes`) and must check there are ``len(texts) - 1`` of them, in case the
+        :class:`sanshi_ml.core.features.TokenCodes`) and must check there are ``len(texts) - 1`` of them, in case the
         segmenter merged one into another token. Both segmenters cut text in blocks that end at whitespace, so the
         tokens are those of the texts cut one by one (tests/code/test_fast_paths.py), and one call instead of one
         per text saves rjieba a fifth of its time.

@@ -1,5 +1,5 @@
-"""Where commands write: output locations checked before the work, write errors named by their path, and the lock
-that keeps two scoring runs off one output.
+"""Where commands write: output locations checked before the work, files replaced atomically, write errors named by
+their path, and the lock that keeps two scoring runs off one output.
 
 A command that would only find out at the end that it cannot write (a read-only directory, a model directory on a
 mount that refuses files) checks first with :func:`check_writable`, by creating and removing a small file there. A
@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from sanshi_ml.readers import RecordError
+from sanshi_ml.data.readers import RecordError
 
 LOCK_SUFFIX = ".lock"
 
@@ -52,6 +52,32 @@ def check_writable(directory: str | Path, what: str = "output") -> None:
         raise OutputError(f"{directory}: cannot write the {what} there{where}: {_reason(error)}") from None
     os.close(fd)
     os.unlink(name)
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | Path, temp_dir: str | Path | None = None) -> Iterator[Path]:
+    """A temporary path to write ``target``'s new contents to. When the block ends, the file is flushed to disk and
+    renamed onto ``target``, so a crash leaves the old file or the new one, never half of one; when it fails, the
+    file is removed. ``temp_dir`` (on ``target``'s file system) holds the temporary file instead of ``target``'s
+    directory: a run's own work directory, so that a kill leaves nothing beside its output."""
+    target = Path(target)
+    fd, name = tempfile.mkstemp(dir=temp_dir or target.parent, prefix=f".{target.name}.")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through :func:`atomic_file`."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 @contextlib.contextmanager

@@ -15,10 +15,10 @@ import pandas as pd
 import scipy.sparse as sp
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from sanshi_ml.calibration import choose_threshold, label_columns
-from sanshi_ml.model import TargetPredictions, TriageModel
-from sanshi_ml.plotting import pyplot
-from sanshi_ml.records import RecordSet, fold_indices, subset
+from sanshi_ml.core.calibration import choose_threshold, label_columns
+from sanshi_ml.core.model import TargetPredictions, TriageModel
+from sanshi_ml.data.records import RecordSet, fold_indices, subset
+from sanshi_ml.evaluation.plotting import pyplot
 
 log = logging.getLogger(__name__)
 

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from sanshi_ml.config import Params
-from sanshi_ml.outputs import check_writable, writing
-from sanshi_ml.records import ColumnMap, ReadOptions, RecordSet, load_many
+from sanshi_ml.data.outputs import atomic_file, check_writable, writing
+from sanshi_ml.data.records import ColumnMap, ReadOptions, RecordSet, load_many
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +78,8 @@ def prepare(
     target = out_dir / PREPARED_FILE
     with writing(target, "the prepared records"):
         out_dir.mkdir(parents=True, exist_ok=True)
-        # Written beside the target and renamed, so an interrupted run never leaves half a file for train to read.
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{PREPARED_FILE}.")
-        os.close(fd)
-        try:
+        with atomic_file(target) as tmp:  # an interrupted run never leaves half a file for train to read
             frame.to_parquet(tmp, index=False)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
     report = {
         "sources": [str(p) for p in data],
         "output": str(target),

@@ -103,7 +103,8 @@ class FastTfidf:
     def from_union(cls, union: FeatureUnion, keep: Callable[[str], bool] | None = None) -> FastTfidf | None:
         """A fast transform for ``union``, or None when it is not a union this class reproduces exactly.
 
-        ``keep`` is the segmenter's token test (:meth:`sanshi_ml.text.Segmenter.keeps`), for ``transform(raw=True)``.
+        ``keep`` is the segmenter's token test (:meth:`sanshi_ml.core.text.Segmenter.keeps`), for
+        ``transform(raw=True)``.
         """
         if not isinstance(union, FeatureUnion) or union.transformer_weights:
             return None

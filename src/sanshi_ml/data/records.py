@@ -1,7 +1,7 @@
 """The record schema, loaders for CSV / Excel / Parquet / JSONL exports, validation, and splits and folds that keep
 repeated texts together.
 
-Files are read by :mod:`sanshi_ml.readers` (encoding, delimiter, sheet, header row), re-exported here.
+Files are read by :mod:`sanshi_ml.data.readers` (encoding, delimiter, sheet, header row), re-exported here.
 An export may name its columns anything; :class:`ColumnMap` says which column is which. Whatever the source, a loaded
 :class:`RecordSet` has the canonical columns ``id, title, text, received_at`` (plus ``segmented`` when the export was
 already cut into words) and one column per target, named by the target.
@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from sanshi_ml.config import ColumnsConfig
-from sanshi_ml.readers import (  # noqa: F401 (re-exported)
+from sanshi_ml.data.readers import (  # noqa: F401 (re-exported)
     CSV_SUFFIXES,
     EXCEL_SUFFIXES,
     JSONL_SUFFIXES,
@@ -36,7 +36,6 @@ from sanshi_ml.readers import (  # noqa: F401 (re-exported)
     read_table,
     require_columns,
 )
-from sanshi_ml.text import model_input
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +44,38 @@ TIME_CANDIDATES = ("留言时间", "受理时间", "来电时间", "登记时间
 
 BASE_COLUMNS = ("id", "title", "text", "received_at")
 UNDECODABLE = "\ufffd"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The string a model reads of a record
+
+
+def compose(title: str | None, text: str | None) -> str:
+    """Title and text as one human-readable string (an export's single text cell): joined by a newline."""
+    title = (title or "").strip()
+    text = (text or "").strip()
+    if title and text:
+        return f"{title}\n{text}"
+    return title or text
+
+
+# Ends the title in a model's input string (the ASCII unit separator; model_input turns any inside a title or text
+# into a space). str.split() counts it as whitespace, so normalising a whole input string makes it a space, exactly
+# like the newline that joined title and text before titles had a feature block of their own.
+TITLE_END = "\x1f"
+
+
+def model_input(title: str | None, text: str | None) -> str:
+    """The string a model reads: the title, :data:`TITLE_END`, then the text; without a title, the text alone."""
+    title = (title or "").replace(TITLE_END, " ").strip()
+    text = (text or "").replace(TITLE_END, " ").strip()
+    return f"{title}{TITLE_END}{text}" if title else text
+
+
+def split_title(text: str) -> tuple[str, str]:
+    """(title, text) of a :func:`model_input` string; a string without a title is all text."""
+    title, found, body = text.partition(TITLE_END)
+    return (title, body) if found else ("", text)
 
 
 @dataclass(frozen=True)

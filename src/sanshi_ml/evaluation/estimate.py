@@ -32,8 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from scipy.special import softmax
 
-from sanshi_ml.calibration import NEVER_ACCEPT, ConformalSets, label_columns
-from sanshi_ml.model import (
+from sanshi_ml.core.calibration import NEVER_ACCEPT, ConformalSets, label_columns
+from sanshi_ml.core.model import (
     CrossFitRows,
     ModelError,
     TargetHead,
@@ -44,7 +44,8 @@ from sanshi_ml.model import (
     fit_review,
     link_targets,
 )
-from sanshi_ml.records import RecordSet, grouped_folds
+from sanshi_ml.data.outputs import atomic_write_bytes
+from sanshi_ml.data.records import RecordSet, grouped_folds
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,22 @@ ESTIMATE_FILE = "out_of_fold.parquet"
 HOLDOUT_FILE = "holdout.parquet"
 KEY_COLUMN = "row_key"
 _SEP = "\x1f"  # joins a prediction set's labels in the outcomes file; never inside a label read from a CSV cell
+
+
+# Where figures come from: the "source" of metrics.json, the metadata and the MLflow run.
+OUT_OF_FOLD = "out_of_fold"
+HOLDOUT = "holdout"
+UNSEEN = "unseen_rows"
+MIXED = "out_of_fold_and_unseen_rows"
+HELD_OUT_SPLIT = "held_out_split"  # models saved before the shipped model trained on every row
+
+
+def describe_estimate(folds: int, n_rows: int) -> str:
+    return (
+        f"out-of-fold estimate: each of the {n_rows} training rows predicted by models and a calibration chain "
+        f"fitted without it ({folds} folds, repeated texts kept together); it measures the saved model, "
+        "trained on all of them"
+    )
 
 
 @dataclass
@@ -250,8 +267,6 @@ def outcome_table(
 
 def write_outcomes(path: Path, table: pa.Table) -> None:
     """Write an outcome table atomically (a crash leaves the old file or the new one)."""
-    from sanshi_ml.artifacts import atomic_write_bytes
-
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     atomic_write_bytes(path, sink.getvalue().to_pybytes())

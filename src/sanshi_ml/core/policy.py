@@ -16,7 +16,9 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-DEFAULT_POLICY_FILE = Path(__file__).with_name("resources") / "sanshi_policy.yaml"
+from sanshi_ml import resource
+
+DEFAULT_POLICY_FILE = resource("sanshi_policy.yaml")
 
 
 class PolicyError(ValueError):

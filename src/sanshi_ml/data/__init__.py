@@ -1,0 +1,1 @@
+"""Files in and out: reading exports, the record schema, writing outputs."""

@@ -1,0 +1,1 @@
+"""Measuring a model: metrics, plots and the out-of-fold estimate."""
