@@ -15,6 +15,8 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from sanshi_ml.config import MAX_BATCH, MAX_TEXT_CHARS, TOP_K
+
 ENV_PREFIX = "SANSHI_"
 DEFAULT_DATABASE_URL = "sqlite:///feedback.db"
 
@@ -43,9 +45,9 @@ class Settings(BaseSettings):
     )
     open_suggestions: bool = Field(True, description="suggestions need no key; False puts them behind the key too")
     strict: bool = Field(True, description="reject request fields the API does not know instead of ignoring them")
-    max_text_chars: int = Field(20_000, ge=1, description="longest text accepted, in characters")
-    max_batch: int = Field(256, ge=1, le=10_000, description="most records in one batch request")
-    top_k: int = Field(3, ge=1, le=20, description="labels listed per target unless the request asks otherwise")
+    max_text_chars: int = Field(MAX_TEXT_CHARS, ge=1, description="longest text accepted, in characters")
+    max_batch: int = Field(MAX_BATCH, ge=1, le=10_000, description="most records in one batch request")
+    top_k: int = Field(TOP_K, ge=1, le=20, description="labels listed per target unless the request asks otherwise")
     max_body_bytes: int | None = Field(None, ge=1, description="largest request body; None: enough for a full batch")
     batch_records: int = Field(64, ge=1, description="most records the micro-batcher hands the model in one call")
     batch_chars: int = Field(

@@ -21,6 +21,12 @@ from pydantic import (
 
 DEFAULT_PARAMS_FILE = "params.yaml"
 
+# The limits every entry point shares: params.yaml's score and serve sections, the server's settings, and batch
+# scoring called from Python all default to these.
+MAX_TEXT_CHARS = 20_000  # longest text accepted, in characters
+MAX_BATCH = 256  # most records in one batch request to the server
+TOP_K = 3  # labels listed per target
+
 DEFAULT_TARGETS = {"category": "一级分类", "sanshi": "三事", "unit": "承办单位", "appeal": "诉求类型"}
 
 
@@ -281,7 +287,7 @@ class TrackingConfig(_Section):
 class ScoreConfig(_Section):
     chunk_size: int = Field(10_000, ge=1, description="records per chunk: the unit of parallel work and of resume")
     jobs: int = Field(0, ge=0, description="worker processes; 0 = every core")
-    max_text_chars: int = Field(20_000, ge=1)
+    max_text_chars: int = Field(MAX_TEXT_CHARS, ge=1)
 
 
 class ReportConfig(_Section):
@@ -289,9 +295,9 @@ class ReportConfig(_Section):
 
 
 class ServeConfig(_Section):
-    max_text_chars: int = Field(20_000, ge=1)
-    max_batch: int = Field(256, ge=1)
-    top_k: int = Field(3, ge=1, le=20)
+    max_text_chars: int = Field(MAX_TEXT_CHARS, ge=1)
+    max_batch: int = Field(MAX_BATCH, ge=1)
+    top_k: int = Field(TOP_K, ge=1, le=20)
 
 
 class Params(_Section):

@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from sanshi_ml.config import MAX_TEXT_CHARS
 from sanshi_ml.core.text import build_unassigned_table
 from sanshi_ml.data.outputs import atomic_file, atomic_write_bytes, check_writable, output_lock, writing
 from sanshi_ml.data.readers import MALFORMED_LINE, data_columns, malformed_lines
@@ -85,7 +86,7 @@ class ScoringSpec:
     """Everything :func:`score_chunk` needs besides the model: which columns, which limits, which extra columns."""
 
     columns: ColumnMap
-    max_text_chars: int = 20_000
+    max_text_chars: int = MAX_TEXT_CHARS
     keep_cols: tuple[str, ...] = ()
     prefix_row_ids: bool = False  # several inputs without an id column: "file.csv:row12" keeps ids unique
 
@@ -679,7 +680,7 @@ def score(
     resume: bool = False,
     dask: str | None = None,
     keep_cols: Sequence[str] = (),
-    max_text_chars: int = 20_000,
+    max_text_chars: int = MAX_TEXT_CHARS,
     policy_path: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
